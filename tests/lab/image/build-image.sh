@@ -1,0 +1,68 @@
+#!/bin/bash
+# Builds the lab guest image from Debian's packages: OUT/root.img (ext4, no partition table) and
+# OUT/kernels/{vmlinuz,initrd.img}-VERSION for direct boot. Called by `lab image` with the effective
+# pinned versions in the environment (see versions.env); MIRROR is read from this machine's apt config.
+set -euo pipefail
+out=${1:?usage: build-image.sh OUTDIR}
+here=$(cd "$(dirname "$0")" && pwd)
+: "${SUITE:?}" "${KERNELS:?}" "${CRIU_VERSION:?}" "${CRIU_SUITE:?}" "${PACKAGES:?}"
+
+# The Debian mirror this machine already uses (never written into the repository).
+mirror=${KUP_LAB_MIRROR:-}
+if [ -z "$mirror" ]; then
+  mirror=$( { grep -hE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}';
+              grep -hE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | awk '{print $2}'; } |
+            grep -E '/debian/?$' | head -n1 || true)
+fi
+[ -n "$mirror" ] || { echo "build-image: no Debian mirror found in /etc/apt; set KUP_LAB_MIRROR=<debian mirror URI>" >&2; exit 1; }
+security=${KUP_LAB_SECURITY_MIRROR:-${mirror%/debian}/debian-security}
+echo "build-image: mirror $mirror"
+
+includes=()
+for p in $PACKAGES; do includes+=("$p"); done
+includes+=("criu=$CRIU_VERSION")
+for p in ${CRIU_DEPS:-}; do includes+=("$p/$CRIU_SUITE"); done
+for k in $KERNELS; do
+  s=$SUITE
+  for pair in ${KERNEL_SUITES:-}; do [ "${pair%%=*}" = "$k" ] && s=${pair#*=}; done
+  if [ "$s" != "$SUITE" ]; then includes+=("linux-base/$s" "linux-image-$k/$s"); else includes+=("linux-image-$k"); fi
+done
+
+root="$out/root"
+rm -rf "$out"; mkdir -p "$out/kernels"
+# shellcheck disable=SC2016
+mmdebstrap --variant=apt --format=directory \
+  --aptopt='APT::Default-Release "'"$SUITE"'"' \
+  --aptopt='APT::Install-Recommends "false"' \
+  --aptopt='Acquire::Check-Valid-Until "false"' \
+  --dpkgopt='path-exclude=/usr/share/{doc,man,locale,info}/*' \
+  --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+  --setup-hook='mkdir -p "$1/etc/dracut.conf.d" && cp '"$here"'/overlay/etc/dracut.conf.d/* "$1/etc/dracut.conf.d/"' \
+  --essential-hook='mkdir -p "$1/etc/default" && echo "LOAD_KEXEC=false" > "$1/etc/default/kexec"' \
+  --customize-hook='cp -a '"$here"'/overlay/. "$1/"' \
+  --customize-hook='chroot "$1" systemctl enable systemd-networkd kup-lab-payload.service kup-lab-agent.service' \
+  --customize-hook='chroot "$1" systemctl mask ndctl-monitor.service apt-daily.timer apt-daily-upgrade.timer man-db.timer e2scrub_all.timer fstrim.timer dpkg-db-backup.timer systemd-networkd-wait-online.service kexec-load.service' \
+  --customize-hook='chroot "$1" passwd -d root' \
+  --customize-hook='sed -i -e "s/^-l 127.0.0.1/-l 0.0.0.0/" -e "s/^-m 64/-m 1024/" "$1/etc/memcached.conf"' \
+  --customize-hook='sed -i -e "s/^bind 127.0.0.1 -::1/bind 0.0.0.0/" -e "s/^protected-mode yes/protected-mode no/" "$1/etc/redis/redis.conf"' \
+  --customize-hook='sed -i "s/^LOAD_KEXEC=.*/LOAD_KEXEC=false/" "$1/etc/default/kexec"' \
+  --customize-hook='for f in "$1"/boot/vmlinuz-* "$1"/boot/initrd.img-*; do cp "$f" '"$out"'/kernels/; done' \
+  --include="$(IFS=,; echo "${includes[*]}")" \
+  "$SUITE" "$root" \
+  "deb $mirror $SUITE main" "deb $mirror $SUITE-updates main" "deb $security $SUITE-security main" \
+  "deb $mirror $SUITE-backports main" "deb $mirror $CRIU_SUITE main"
+
+for k in $KERNELS; do
+  for f in vmlinuz initrd.img; do
+    [ -s "$out/kernels/$f-$k" ] || { echo "build-image: $f-$k missing after install" >&2; exit 1; }
+  done
+done
+# Guest services listen on the guest's address so the host reaches them through forwarded ports.
+grep -q '^-l 0.0.0.0' "$root/etc/memcached.conf" && grep -q '^bind 0.0.0.0' "$root/etc/redis/redis.conf" ||
+  { echo "build-image: could not make memcached/redis listen on 0.0.0.0 (their config format changed?)" >&2; exit 1; }
+# The guest keeps its apt sources (the local package cache is used by later tests) but never
+# reaches the network: drop the lists to keep the image small.
+rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin
+mkfs.ext4 -q -L kup-lab-root -d "$root" -E lazy_itable_init=0 "$out/root.img" "${IMAGE_SIZE:-8G}"
+rm -rf "$root"
+echo "build-image: done: $(du -sh --apparent-size "$out/root.img" | cut -f1) virtual, $(du -sh "$out/root.img" | cut -f1) allocated"
