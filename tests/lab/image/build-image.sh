@@ -5,6 +5,9 @@
 set -euo pipefail
 out=${1:?usage: build-image.sh OUTDIR}
 here=$(cd "$(dirname "$0")" && pwd)
+# kup's dracut module goes into the initrds as they are made (dracut runs natively here, in seconds,
+# rather than in the guest under TCG); the lab's cache key covers it.
+repo=$(cd "$here/../../.." && pwd)
 : "${SUITE:?}" "${KERNELS:?}" "${CRIU_VERSION:?}" "${CRIU_SUITE:?}" "${PACKAGES:?}"
 
 # The Debian mirror this machine already uses (never written into the repository).
@@ -38,6 +41,7 @@ mmdebstrap --variant=apt --format=directory \
   --dpkgopt='path-exclude=/usr/share/{doc,man,locale,info}/*' \
   --dpkgopt='path-include=/usr/share/doc/*/copyright' \
   --setup-hook='mkdir -p "$1/etc/dracut.conf.d" && cp '"$here"'/overlay/etc/dracut.conf.d/* "$1/etc/dracut.conf.d/"' \
+  --setup-hook='mkdir -p "$1/usr/lib/dracut/modules.d" && cp -r '"$repo"'/dracut-module/90kup "$1/usr/lib/dracut/modules.d/"' \
   --essential-hook='mkdir -p "$1/etc/default" && echo "LOAD_KEXEC=false" > "$1/etc/default/kexec"' \
   --customize-hook='cp -a '"$here"'/overlay/. "$1/"' \
   --customize-hook='chroot "$1" systemctl enable systemd-networkd kup-lab-payload.service kup-lab-agent.service' \

@@ -92,13 +92,36 @@ impl Recipe {
 
     /// A key that changes with any file of the recipe or any effective variable.
     pub fn cache_key(&self) -> Result<String> {
+        // (name in the key, file): the recipe, and kup's dracut module that the image's initrds carry.
         let mut files = Vec::new();
         collect_files(&self.dir, &mut files)?;
-        files.sort();
+        let mut named: Vec<(String, PathBuf)> = files
+            .into_iter()
+            .map(|f| {
+                (
+                    format!(
+                        "image/{}",
+                        f.strip_prefix(&self.dir).unwrap_or(&f).display()
+                    ),
+                    f,
+                )
+            })
+            .collect();
+        let dracut = self.dir.join("../../../dracut-module");
+        if dracut.is_dir() {
+            let mut files = Vec::new();
+            collect_files(&dracut, &mut files)?;
+            named.extend(files.into_iter().map(|f| {
+                (
+                    format!("dracut/{}", f.strip_prefix(&dracut).unwrap_or(&f).display()),
+                    f,
+                )
+            }));
+        }
+        named.sort();
         let mut h = Sha256::new();
-        for f in &files {
-            let rel = f.strip_prefix(&self.dir).unwrap_or(f);
-            h.update(rel.to_string_lossy().as_bytes());
+        for (name, f) in &named {
+            h.update(name.as_bytes());
             h.update([0]);
             h.update(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?);
             h.update([0]);

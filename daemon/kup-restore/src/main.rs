@@ -1,0 +1,41 @@
+//! kup-restore: a shim over `kup::restore`. Installed as /usr/libexec/kup/kup-restore and linked as
+//! the systemd generator `kup-generator` (it then acts on its name, as generators are called).
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let name = Path::new(&args[0])
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    if name == "kup-generator" {
+        // systemd calls generators with three directories: normal, early, late.
+        let early = args
+            .get(2)
+            .context("kup-generator: systemd passes three output directories")?;
+        kup::restore::generate(Path::new(early)).context("kup-generator")?;
+        return Ok(());
+    }
+    match args.get(1).map(String::as_str) {
+        Some("exec") => {
+            let unit = args.get(2).context("usage: kup-restore exec UNIT")?;
+            let pid = kup::restore::exec(unit).with_context(|| format!("restoring {unit}"))?;
+            println!("kup: {unit} restored as PID {pid}");
+        }
+        Some("finish") => println!(
+            "kup: {}",
+            kup::restore::finish().context("finishing the handoff")?
+        ),
+        Some("generator") => {
+            let early = args
+                .get(3)
+                .context("usage: kup-restore generator NORMAL EARLY LATE")?;
+            kup::restore::generate(Path::new(early))?;
+        }
+        _ => bail!("usage: kup-restore exec UNIT | finish | generator NORMAL EARLY LATE"),
+    }
+    Ok(())
+}

@@ -1,0 +1,674 @@
+//! Settings from kup's TOML files: defaults, `/etc/kup/kup.toml` and drop-in fragments, merged and
+//! validated into one [`Settings`].
+//!
+//! Files are read in this order (missing files and directories are skipped):
+//! `/usr/lib/kup/kup.toml`, `/etc/kup/kup.toml`, `/etc/kup/kup.d/*.toml` (sorted by name),
+//! `/run/kup/kup.d/*.toml` (sorted by name). A later file overrides the scalar keys of `[update]`;
+//! `[[unit]]` entries accumulate, and a later entry with the same `name` replaces the earlier one.
+//!
+//! ```toml
+//! [update]
+//! kernel = "6.12.117+deb13-cloud-amd64"   # optional staged target; "" or absent = newest installed
+//! backend = "disk"                        # only "disk" for now
+//! image_dir = "/var/lib/kup/images"
+//! extra_cmdline = ""                      # appended to the new kernel's command line
+//! precopy_rounds = 0                      # 0..=16
+//!
+//! [[unit]]
+//! name = "memcached.service"
+//! health = "memcached-tool 127.0.0.1 stats"   # optional shell command
+//! ```
+//!
+//! [`parse_fragment`] is pure; [`Settings::load_from`] and [`Settings::load`] do the file I/O.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+/// Highest accepted `precopy_rounds`.
+pub const MAX_PRECOPY_ROUNDS: u8 = 16;
+/// Default `image_dir`.
+pub const DEFAULT_IMAGE_DIR: &str = "/var/lib/kup/images";
+
+/// Where the configuration lives. [`ConfigPaths::system`] gives the real locations; tests point it
+/// at a temporary directory with [`ConfigPaths::under`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigPaths {
+    /// Distribution defaults, read first (`/usr/lib/kup/kup.toml`).
+    pub defaults: PathBuf,
+    /// The administrator's file (`/etc/kup/kup.toml`).
+    pub main: PathBuf,
+    /// Drop-in directories, in order; each one's `*.toml` files are read sorted by name
+    /// (`/etc/kup/kup.d`, `/run/kup/kup.d`).
+    pub dropin_dirs: Vec<PathBuf>,
+}
+
+impl ConfigPaths {
+    /// The real locations on the system.
+    pub fn system() -> Self {
+        Self::under(Path::new("/"))
+    }
+
+    /// The real locations, below `root` instead of `/` (a chroot, an image, a test's tempdir).
+    pub fn under(root: &Path) -> Self {
+        Self {
+            defaults: root.join("usr/lib/kup/kup.toml"),
+            main: root.join("etc/kup/kup.toml"),
+            dropin_dirs: vec![root.join("etc/kup/kup.d"), root.join("run/kup/kup.d")],
+        }
+    }
+
+    /// The files that exist, in the order they are applied.
+    pub fn files(&self) -> Result<Vec<PathBuf>, ConfigError> {
+        let mut files = Vec::new();
+        for single in [&self.defaults, &self.main] {
+            if single.is_file() {
+                files.push(single.clone());
+            }
+        }
+        for dir in &self.dropin_dirs {
+            let entries = match std::fs::read_dir(dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(ConfigError::Read {
+                        path: dir.clone(),
+                        source,
+                    });
+                }
+            };
+            let mut found = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(|source| ConfigError::Read {
+                    path: dir.clone(),
+                    source,
+                })?;
+                let path = entry.path();
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with('.') || !name.ends_with(".toml") || !path.is_file() {
+                    continue;
+                }
+                found.push(path);
+            }
+            found.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+            files.extend(found);
+        }
+        Ok(files)
+    }
+}
+
+/// Why the configuration was refused. Every message names the file and what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file or directory could not be read.
+    #[error("cannot read kup configuration {}: {source}; check that it exists and is readable by root", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file is not valid TOML, has an unknown key, or a value kup does not accept.
+    #[error("{}{}: {reason} (fix or remove it: kup refuses the whole configuration until then)", path.display(), Location(*line, *column))]
+    Invalid {
+        path: PathBuf,
+        /// 1-based line of the offending key or value, when toml knows it.
+        line: Option<usize>,
+        /// 1-based column, when toml knows it.
+        column: Option<usize>,
+        reason: String,
+    },
+}
+
+struct Location(Option<usize>, Option<usize>);
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.0, self.1) {
+            (Some(line), Some(col)) => write!(f, ":{line}:{col}"),
+            (Some(line), None) => write!(f, ":{line}"),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The storage backend for the checkpoint images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// Images on disk under `image_dir`; works on every kernel and survives a firmware reboot.
+    #[default]
+    Disk,
+}
+
+impl Backend {
+    /// The name used in the configuration and the manifest.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Disk => "disk",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "disk" => Ok(Backend::Disk),
+            "luo" => {
+                Err("backend \"luo\" is not supported yet; use backend = \"disk\"".to_string())
+            }
+            other => Err(format!(
+                "unknown backend {other:?}; the only supported value is \"disk\""
+            )),
+        }
+    }
+}
+
+/// The validated `[update]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateSettings {
+    /// Staged target kernel version (`uname -r` form); `None` = newest installed.
+    pub kernel: Option<String>,
+    pub backend: Backend,
+    pub image_dir: PathBuf,
+    /// Appended to the new kernel's command line; empty for none.
+    pub extra_cmdline: String,
+    /// CRIU pre-dump rounds before the final dump, `0..=16`.
+    pub precopy_rounds: u8,
+}
+
+impl Default for UpdateSettings {
+    fn default() -> Self {
+        Self {
+            kernel: None,
+            backend: Backend::Disk,
+            image_dir: PathBuf::from(DEFAULT_IMAGE_DIR),
+            extra_cmdline: String::new(),
+            precopy_rounds: 0,
+        }
+    }
+}
+
+/// One marked unit (`[[unit]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnitSettings {
+    /// A systemd service name, e.g. `memcached.service`.
+    #[serde(deserialize_with = "de_unit_name")]
+    pub name: String,
+    /// Optional shell command that must succeed after the restore.
+    #[serde(default, deserialize_with = "de_health")]
+    pub health: Option<String>,
+}
+
+/// The merged, validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Settings {
+    pub update: UpdateSettings,
+    /// Marked units, in the order first seen.
+    pub units: Vec<UnitSettings>,
+}
+
+/// One file's content, before merging. Absent keys are `None`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fragment {
+    #[serde(default)]
+    pub update: UpdateFragment,
+    #[serde(default, rename = "unit")]
+    pub units: Vec<UnitSettings>,
+}
+
+/// One file's `[update]` table; `None` leaves the earlier value in place.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateFragment {
+    /// `Some(None)` (written `kernel = ""`) resets to "newest installed".
+    #[serde(default, deserialize_with = "de_kernel")]
+    pub kernel: Option<Option<String>>,
+    #[serde(default, deserialize_with = "de_backend")]
+    pub backend: Option<Backend>,
+    #[serde(default, deserialize_with = "de_image_dir")]
+    pub image_dir: Option<PathBuf>,
+    #[serde(default, deserialize_with = "de_extra_cmdline")]
+    pub extra_cmdline: Option<String>,
+    #[serde(default, deserialize_with = "de_precopy_rounds")]
+    pub precopy_rounds: Option<u8>,
+}
+
+/// Parses one file's text. `path` is only used in error messages.
+pub fn parse_fragment(path: &Path, text: &str) -> Result<Fragment, ConfigError> {
+    toml::from_str::<Fragment>(text).map_err(|e| {
+        let (line, column) = match e.span() {
+            Some(span) => {
+                let (l, c) = line_col(text, span.start);
+                (Some(l), Some(c))
+            }
+            None => (None, None),
+        };
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line,
+            column,
+            reason: e.message().trim().to_string(),
+        }
+    })
+}
+
+/// 1-based line and column of byte offset `at` in `text`.
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let at = at.min(text.len());
+    let before = text.get(..at).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+impl Settings {
+    /// Applies one fragment on top of `self`: scalars override, units accumulate by name.
+    pub fn apply(&mut self, fragment: Fragment) {
+        let u = fragment.update;
+        if let Some(kernel) = u.kernel {
+            self.update.kernel = kernel;
+        }
+        if let Some(backend) = u.backend {
+            self.update.backend = backend;
+        }
+        if let Some(dir) = u.image_dir {
+            self.update.image_dir = dir;
+        }
+        if let Some(extra) = u.extra_cmdline {
+            self.update.extra_cmdline = extra;
+        }
+        if let Some(rounds) = u.precopy_rounds {
+            self.update.precopy_rounds = rounds;
+        }
+        for unit in fragment.units {
+            match self.units.iter_mut().find(|u| u.name == unit.name) {
+                Some(existing) => *existing = unit,
+                None => self.units.push(unit),
+            }
+        }
+    }
+
+    /// Merges already-read `(path, text)` pairs in order. Pure.
+    pub fn from_texts<'a>(
+        files: impl IntoIterator<Item = (&'a Path, &'a str)>,
+    ) -> Result<Self, ConfigError> {
+        let mut settings = Settings::default();
+        for (path, text) in files {
+            settings.apply(parse_fragment(path, text)?);
+        }
+        Ok(settings)
+    }
+
+    /// Reads and merges every file under `paths`.
+    pub fn load_from(paths: &ConfigPaths) -> Result<Self, ConfigError> {
+        let mut settings = Settings::default();
+        for path in paths.files()? {
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            settings.apply(parse_fragment(&path, &text)?);
+        }
+        Ok(settings)
+    }
+
+    /// Reads the real configuration ([`ConfigPaths::system`]).
+    pub fn load() -> Result<Self, ConfigError> {
+        Self::load_from(&ConfigPaths::system())
+    }
+
+    /// The marked unit called `name`, if any.
+    pub fn unit(&self, name: &str) -> Option<&UnitSettings> {
+        self.units.iter().find(|u| u.name == name)
+    }
+}
+
+/// Checks a systemd service name: `[A-Za-z0-9:_.\\@-]`, at most 255 bytes, ending in `.service`,
+/// a non-empty prefix, and a template only with an instance (`foo@bar.service`, not `foo@.service`).
+pub fn validate_unit_name(name: &str) -> Result<(), String> {
+    let fix = "write the full service name as `systemctl list-units` shows it, e.g. \"memcached.service\"";
+    if name.len() > 255 {
+        return Err(format!(
+            "unit name {name:?} is longer than 255 bytes; {fix}"
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || ":_.\\@-".contains(*c)))
+    {
+        return Err(format!(
+            "unit name {name:?} contains {bad:?}, which systemd does not allow in unit names; {fix}"
+        ));
+    }
+    let Some(prefix) = name.strip_suffix(".service") else {
+        return Err(format!(
+            "unit name {name:?} does not end in \".service\"; kup checkpoints services only; {fix}"
+        ));
+    };
+    if prefix.is_empty() || prefix.starts_with('@') {
+        return Err(format!(
+            "unit name {name:?} has no name before the suffix; {fix}"
+        ));
+    }
+    if prefix.ends_with('@') {
+        return Err(format!(
+            "unit name {name:?} is a template without an instance; name the instance, e.g. \"{prefix}main.service\""
+        ));
+    }
+    if prefix.matches('@').count() > 1 {
+        return Err(format!("unit name {name:?} has more than one '@'; {fix}"));
+    }
+    Ok(())
+}
+
+fn de_unit_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    validate_unit_name(&name).map_err(serde::de::Error::custom)?;
+    Ok(name)
+}
+
+fn de_health<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let cmd = String::deserialize(d)?;
+    if cmd.trim().is_empty() {
+        return Err(serde::de::Error::custom(
+            "health is empty; give a shell command that exits 0 when the service is healthy, or remove the key",
+        ));
+    }
+    Ok(Some(cmd))
+}
+
+fn de_kernel<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    let kernel = String::deserialize(d)?;
+    if kernel.is_empty() {
+        return Ok(Some(None));
+    }
+    if kernel.starts_with('.')
+        || kernel
+            .chars()
+            .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+    {
+        return Err(serde::de::Error::custom(format!(
+            "kernel {kernel:?} is not a kernel version; write it as `uname -r` prints it, e.g. \"6.12.117+deb13-cloud-amd64\", or \"\" for the newest installed"
+        )));
+    }
+    Ok(Some(Some(kernel)))
+}
+
+fn de_backend<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Backend>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+fn de_image_dir<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let s = String::deserialize(d)?;
+    let path = PathBuf::from(&s);
+    if !path.is_absolute() {
+        return Err(serde::de::Error::custom(format!(
+            "image_dir {s:?} is not an absolute path; write e.g. \"{DEFAULT_IMAGE_DIR}\""
+        )));
+    }
+    Ok(Some(path))
+}
+
+fn de_extra_cmdline<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.chars().any(|c| c.is_control()) {
+        return Err(serde::de::Error::custom(
+            "extra_cmdline contains a newline or control character; write the arguments on one line",
+        ));
+    }
+    if s.split_whitespace().any(|w| w.starts_with("kup.handoff=")) {
+        return Err(serde::de::Error::custom(
+            "extra_cmdline sets kup.handoff=, which kup sets itself; remove it",
+        ));
+    }
+    Ok(Some(s))
+}
+
+fn de_precopy_rounds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {
+    let n = i64::deserialize(d)?;
+    match u8::try_from(n) {
+        Ok(r) if r <= MAX_PRECOPY_ROUNDS => Ok(Some(r)),
+        _ => Err(serde::de::Error::custom(format!(
+            "precopy_rounds = {n} is out of range; use a number from 0 to {MAX_PRECOPY_ROUNDS}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> &Path {
+        Path::new(s)
+    }
+
+    #[test]
+    fn empty_gives_defaults() {
+        let s = Settings::from_texts([(p("a.toml"), "")]).unwrap();
+        assert_eq!(s, Settings::default());
+        assert_eq!(s.update.image_dir, PathBuf::from("/var/lib/kup/images"));
+        assert_eq!(s.update.backend, Backend::Disk);
+    }
+
+    #[test]
+    fn full_fragment_parses() {
+        let text = r#"
+[update]
+kernel = "6.12.117+deb13-cloud-amd64"
+backend = "disk"
+image_dir = "/srv/kup"
+extra_cmdline = "quiet"
+precopy_rounds = 3
+
+[[unit]]
+name = "memcached.service"
+health = "memcached-tool 127.0.0.1 stats"
+
+[[unit]]
+name = "redis-server.service"
+"#;
+        let s = Settings::from_texts([(p("a.toml"), text)]).unwrap();
+        assert_eq!(
+            s.update.kernel.as_deref(),
+            Some("6.12.117+deb13-cloud-amd64")
+        );
+        assert_eq!(s.update.image_dir, PathBuf::from("/srv/kup"));
+        assert_eq!(s.update.extra_cmdline, "quiet");
+        assert_eq!(s.update.precopy_rounds, 3);
+        assert_eq!(s.units.len(), 2);
+        assert_eq!(
+            s.unit("memcached.service").unwrap().health.as_deref(),
+            Some("memcached-tool 127.0.0.1 stats")
+        );
+        assert_eq!(s.unit("redis-server.service").unwrap().health, None);
+    }
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn merge_order_across_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write(
+            &root.join("usr/lib/kup/kup.toml"),
+            "[update]\nprecopy_rounds = 1\nextra_cmdline = \"a\"\nimage_dir = \"/d0\"\nkernel = \"1.0.0\"\n",
+        );
+        write(
+            &root.join("etc/kup/kup.toml"),
+            "[update]\nprecopy_rounds = 2\nextra_cmdline = \"b\"\n[[unit]]\nname = \"a.service\"\n",
+        );
+        // Sorted by name: 10-x before 20-y, regardless of creation order.
+        write(
+            &root.join("etc/kup/kup.d/20-y.toml"),
+            "[update]\nprecopy_rounds = 4\n[[unit]]\nname = \"c.service\"\n",
+        );
+        write(
+            &root.join("etc/kup/kup.d/10-x.toml"),
+            "[update]\nprecopy_rounds = 3\nimage_dir = \"/d1\"\n[[unit]]\nname = \"b.service\"\n",
+        );
+        write(
+            &root.join("etc/kup/kup.d/ignored.conf"),
+            "not toml at all [",
+        );
+        write(
+            &root.join("run/kup/kup.d/00-z.toml"),
+            "[update]\nprecopy_rounds = 5\nkernel = \"\"\n",
+        );
+
+        let paths = ConfigPaths::under(root);
+        let files = paths.files().unwrap();
+        let names: Vec<_> = files
+            .iter()
+            .map(|f| f.strip_prefix(root).unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "usr/lib/kup/kup.toml",
+                "etc/kup/kup.toml",
+                "etc/kup/kup.d/10-x.toml",
+                "etc/kup/kup.d/20-y.toml",
+                "run/kup/kup.d/00-z.toml"
+            ]
+        );
+
+        let s = Settings::load_from(&paths).unwrap();
+        assert_eq!(s.update.precopy_rounds, 5);
+        assert_eq!(s.update.extra_cmdline, "b");
+        assert_eq!(s.update.image_dir, PathBuf::from("/d1"));
+        assert_eq!(s.update.kernel, None, "kernel = \"\" resets to newest");
+        let units: Vec<_> = s.units.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(units, ["a.service", "b.service", "c.service"]);
+    }
+
+    #[test]
+    fn missing_everything_is_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Settings::load_from(&ConfigPaths::under(dir.path())).unwrap();
+        assert_eq!(s, Settings::default());
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let text = "[update]\nbackend = \"disk\"\nprecopy_round = 2\n";
+        let err = parse_fragment(p("/etc/kup/kup.d/50-x.toml"), text).unwrap_err();
+        let ConfigError::Invalid { line, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(*line, Some(3));
+        let msg = err.to_string();
+        assert!(msg.starts_with("/etc/kup/kup.d/50-x.toml:3:"), "{msg}");
+        assert!(msg.contains("precopy_round"), "{msg}");
+        assert!(
+            msg.contains("precopy_rounds"),
+            "lists the valid keys: {msg}"
+        );
+    }
+
+    #[test]
+    fn unknown_table_and_unit_key_rejected() {
+        let err = parse_fragment(p("k.toml"), "[updates]\nkernel = \"x\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("k.toml:1:"), "{err}");
+        let err = parse_fragment(
+            p("k.toml"),
+            "[[unit]]\nname = \"a.service\"\nhealt = \"true\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("k.toml:3:"), "{err}");
+        assert!(err.to_string().contains("healt"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_names_line() {
+        let err = parse_fragment(p("k.toml"), "[update]\n\nkernel = \n").unwrap_err();
+        assert!(err.to_string().starts_with("k.toml:3:"), "{err}");
+    }
+
+    #[test]
+    fn bad_unit_names() {
+        for (name, why) in [
+            ("memcached", "does not end in \".service\""),
+            ("memcached.socket", "does not end in \".service\""),
+            ("mem cached.service", "contains ' '"),
+            ("mem/cached.service", "contains '/'"),
+            (".service", "no name"),
+            ("getty@.service", "template without an instance"),
+        ] {
+            let text = format!("[update]\n[[unit]]\nname = \"{name}\"\n");
+            let err = parse_fragment(p("u.toml"), &text).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.starts_with("u.toml:3:"), "{name}: {msg}");
+            assert!(msg.contains(why), "{name}: {msg}");
+        }
+        assert!(validate_unit_name("getty@tty1.service").is_ok());
+        assert!(validate_unit_name("redis-server.service").is_ok());
+        assert!(validate_unit_name("a\\x2db.service").is_ok());
+    }
+
+    #[test]
+    fn duplicate_unit_is_replaced() {
+        let a = "[[unit]]\nname = \"memcached.service\"\nhealth = \"old\"\n[[unit]]\nname = \"redis-server.service\"\n";
+        let b = "[[unit]]\nname = \"memcached.service\"\nhealth = \"new\"\n";
+        let s = Settings::from_texts([(p("a.toml"), a), (p("b.toml"), b)]).unwrap();
+        assert_eq!(s.units.len(), 2);
+        assert_eq!(s.units[0].name, "memcached.service");
+        assert_eq!(s.units[0].health.as_deref(), Some("new"));
+        // A later entry without health drops the earlier health: the entry is replaced, not merged.
+        let c = "[[unit]]\nname = \"memcached.service\"\n";
+        let s = Settings::from_texts([(p("a.toml"), a), (p("c.toml"), c)]).unwrap();
+        assert_eq!(s.units[0].health, None);
+    }
+
+    #[test]
+    fn bad_backend() {
+        let err = parse_fragment(p("b.toml"), "[update]\nbackend = \"luo\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("b.toml:2:"), "{msg}");
+        assert!(msg.contains("not supported yet"), "{msg}");
+        let err = parse_fragment(p("b.toml"), "[update]\nbackend = \"tape\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("unknown backend \"tape\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_values() {
+        let cases = [
+            ("precopy_rounds = 17", "out of range"),
+            ("precopy_rounds = -1", "out of range"),
+            ("image_dir = \"var/lib\"", "not an absolute path"),
+            ("kernel = \"../x\"", "not a kernel version"),
+            ("extra_cmdline = \"kup.handoff=x\"", "kup sets itself"),
+            ("precopy_rounds = \"3\"", "invalid type"),
+        ];
+        for (line, why) in cases {
+            let err = parse_fragment(p("v.toml"), &format!("\n[update]\n{line}\n")).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.starts_with("v.toml:3:"), "{line}: {msg}");
+            assert!(msg.contains(why), "{line}: {msg}");
+        }
+    }
+
+    #[test]
+    fn line_col_counts() {
+        assert_eq!(line_col("abc", 0), (1, 1));
+        assert_eq!(line_col("a\nbc", 3), (2, 2));
+        assert_eq!(line_col("a\n", 99), (2, 1));
+    }
+}

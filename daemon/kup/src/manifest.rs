@@ -1,0 +1,418 @@
+//! The versioned handoff manifest: what was checkpointed before a kernel switch and how to bring it
+//! back, written atomically so that a crash never leaves a half manifest.
+//!
+//! Layout of a handoff directory: `manifest.json` (the manifest), `lock` (flock'd by writers),
+//! `manifest.json.tmp` (a write in progress; ignored by readers). [`Manifest::from_json`] and
+//! [`Manifest::to_json`] are pure; [`write_atomic`] and [`read`] do the file I/O.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The manifest version this kup writes and reads.
+pub const MANIFEST_VERSION: u32 = 1;
+/// File name of the manifest inside a handoff directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// File name of a manifest being written (never read).
+pub const MANIFEST_TMP_FILE: &str = "manifest.json.tmp";
+/// File name of the writers' lock.
+pub const LOCK_FILE: &str = "lock";
+
+/// Everything the next kernel (or the old one, on fallback) needs to restore the marked units.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`MANIFEST_VERSION`] when written by this kup.
+    pub version: u32,
+    /// Handoff id, as on the kernel command line (`kup.handoff=<id>`); see [`new_handoff_id`].
+    pub id: String,
+    /// Creation time, unix seconds.
+    pub created: u64,
+    /// `uname -r` of the kernel the units were dumped on (the fallback target).
+    pub from_kernel: String,
+    /// `uname -r` of the kernel being switched to.
+    pub to_kernel: String,
+    /// `/proc/cmdline` of the old kernel, to kexec back into it on fallback.
+    pub cmdline_old: String,
+    /// Image storage backend (`"disk"`).
+    pub backend: String,
+    /// Directory holding the per-unit image directories.
+    pub image_dir: String,
+    pub units: Vec<UnitImage>,
+}
+
+/// One checkpointed unit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitImage {
+    /// systemd unit name, e.g. `memcached.service`.
+    pub unit: String,
+    /// The unit's MainPID at dump time (restored with the same PID).
+    pub main_pid: i32,
+    /// Every PID and TID of the dumped tree: the early boot keeps them free.
+    pub pids: Vec<i32>,
+    /// CRIU image directory for this unit.
+    pub images: String,
+    /// Arguments given to `criu --external` at dump time (e.g. `unix[12345]`).
+    #[serde(default)]
+    pub external: Vec<String>,
+    /// Descriptors the restoring process hands to CRIU with `--inherit-fd`.
+    #[serde(default)]
+    pub inherit: Vec<InheritFd>,
+    pub state: UnitState,
+}
+
+/// An `--inherit-fd fd[FD]:KEY` pair: descriptor `fd` of the restoring process replaces the
+/// resource CRIU knows as `key` (e.g. `socket:[12345]` for the journald stream).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InheritFd {
+    pub fd: i32,
+    pub key: String,
+}
+
+/// Where a unit is in the handoff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnitState {
+    /// Listed, not dumped yet.
+    Pending,
+    /// Final dump done; images complete.
+    Dumped,
+    /// Restored and running again.
+    Restored,
+    /// Dump or restore failed; the reason.
+    Failed(String),
+}
+
+/// Why a manifest could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The manifest is not JSON or lacks fields.
+    #[error(
+        "{origin} is corrupt ({reason}); the handoff cannot be trusted: restore from the images by hand or remove the handoff directory to abandon it"
+    )]
+    Corrupt { origin: String, reason: String },
+    /// Written by another kup with a format this one does not read.
+    #[error(
+        "{origin} has version {found}, but this kup reads version {supported} only; run the kup release that wrote it (or a newer one) to finish the handoff"
+    )]
+    Version {
+        origin: String,
+        found: u32,
+        supported: u32,
+    },
+    /// The handoff id cannot go on a kernel command line.
+    #[error(
+        "{origin} has handoff id {id:?}, which is not 1-64 characters of [A-Za-z0-9-]; the manifest was not written by kup: remove it"
+    )]
+    BadId { origin: String, id: String },
+    /// There is no manifest in the directory (no handoff pending there).
+    #[error("no handoff manifest at {}: no handoff is pending there (is the handoff directory right?)", path.display())]
+    Missing { path: PathBuf },
+    /// A file operation failed.
+    #[error("cannot {op} {}: {source}; check that the directory exists, is writable by root and its filesystem is not full or read-only", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The manifest could not be serialised (a bug).
+    #[error("cannot serialise the handoff manifest: {0}; this is a bug in kup, please report it")]
+    Serialise(#[source] serde_json::Error),
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    version: Option<u32>,
+}
+
+impl Manifest {
+    /// Parses a manifest, refusing versions other than [`MANIFEST_VERSION`] and ids that are not
+    /// command-line safe. Unknown fields are ignored (additions that keep the version).
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ManifestError> {
+        Self::from_json_named("the handoff manifest", bytes)
+    }
+
+    fn from_json_named(origin: &str, bytes: &[u8]) -> Result<Self, ManifestError> {
+        let corrupt = |e: serde_json::Error| ManifestError::Corrupt {
+            origin: origin.to_string(),
+            reason: e.to_string(),
+        };
+        // Check the version first, so that a newer layout says "version" and not "missing field".
+        let probe: VersionProbe = serde_json::from_slice(bytes).map_err(corrupt)?;
+        match probe.version {
+            Some(MANIFEST_VERSION) => {}
+            Some(found) => {
+                return Err(ManifestError::Version {
+                    origin: origin.to_string(),
+                    found,
+                    supported: MANIFEST_VERSION,
+                });
+            }
+            None => {
+                return Err(ManifestError::Corrupt {
+                    origin: origin.to_string(),
+                    reason: "no \"version\" field".to_string(),
+                });
+            }
+        }
+        let manifest: Manifest = serde_json::from_slice(bytes).map_err(corrupt)?;
+        if !is_valid_handoff_id(&manifest.id) {
+            return Err(ManifestError::BadId {
+                origin: origin.to_string(),
+                id: manifest.id,
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Serialises to pretty JSON with a trailing newline.
+    pub fn to_json(&self) -> Result<Vec<u8>, ManifestError> {
+        let mut out = serde_json::to_vec_pretty(self).map_err(ManifestError::Serialise)?;
+        out.push(b'\n');
+        Ok(out)
+    }
+
+    /// The entry for `unit`, if listed.
+    pub fn unit(&self, unit: &str) -> Option<&UnitImage> {
+        self.units.iter().find(|u| u.unit == unit)
+    }
+
+    /// The entry for `unit`, mutable.
+    pub fn unit_mut(&mut self, unit: &str) -> Option<&mut UnitImage> {
+        self.units.iter_mut().find(|u| u.unit == unit)
+    }
+}
+
+/// Whether `id` can be a handoff id: 1 to 64 characters of `[A-Za-z0-9-]`.
+pub fn is_valid_handoff_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// A fresh handoff id: `<unix seconds>-<8 random hex digits>`, e.g. `1767225600-3f9a2c1b`.
+pub fn new_handoff_id() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{secs}-{:08x}", rand::random::<u32>())
+}
+
+/// Path of the manifest inside handoff directory `dir`.
+pub fn manifest_path(dir: &Path) -> PathBuf {
+    dir.join(MANIFEST_FILE)
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ManifestError {
+    let path = path.to_path_buf();
+    move |source| ManifestError::Io { op, path, source }
+}
+
+/// Writes `manifest` to `dir/manifest.json` so that readers see the old or the new manifest, never
+/// a mix: under an exclusive flock on `dir/lock`, write `manifest.json.tmp`, fsync it, rename it over
+/// `manifest.json`, fsync `dir`. Creates `dir` if needed. Blocks while another writer holds the lock.
+pub fn write_atomic(dir: &Path, manifest: &Manifest) -> Result<(), ManifestError> {
+    let bytes = manifest.to_json()?;
+    std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+
+    let lock_path = dir.join(LOCK_FILE);
+    let lock_file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io("open lock file", &lock_path))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive).map_err(
+        |(_, errno)| ManifestError::Io {
+            op: "lock",
+            path: lock_path.clone(),
+            source: std::io::Error::from(errno),
+        },
+    )?;
+
+    let tmp = dir.join(MANIFEST_TMP_FILE);
+    let mut file = File::create(&tmp).map_err(io("create", &tmp))?;
+    file.write_all(&bytes).map_err(io("write", &tmp))?;
+    file.sync_all().map_err(io("fsync", &tmp))?;
+    drop(file);
+
+    let dest = manifest_path(dir);
+    std::fs::rename(&tmp, &dest).map_err(io("rename into place", &dest))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync directory", dir))?;
+    Ok(())
+}
+
+/// Reads `dir/manifest.json` (a leftover `manifest.json.tmp` is ignored).
+pub fn read(dir: &Path) -> Result<Manifest, ManifestError> {
+    let path = manifest_path(dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ManifestError::Missing { path });
+        }
+        Err(e) => return Err(io("read", &path)(e)),
+    };
+    Manifest::from_json_named(&format!("handoff manifest {}", path.display()), &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            version: MANIFEST_VERSION,
+            id: "1767225600-3f9a2c1b".to_string(),
+            created: 1_767_225_600,
+            from_kernel: "6.12.107+deb13-cloud-amd64".to_string(),
+            to_kernel: "6.12.117+deb13-cloud-amd64".to_string(),
+            cmdline_old: "BOOT_IMAGE=/vmlinuz root=/dev/vda1 ro".to_string(),
+            backend: "disk".to_string(),
+            image_dir: "/var/lib/kup/images/1767225600-3f9a2c1b".to_string(),
+            units: vec![
+                UnitImage {
+                    unit: "memcached.service".to_string(),
+                    main_pid: 812,
+                    pids: vec![812, 813, 814],
+                    images: "/var/lib/kup/images/1767225600-3f9a2c1b/memcached.service".to_string(),
+                    external: vec!["unix[12345]".to_string()],
+                    inherit: vec![InheritFd {
+                        fd: 1,
+                        key: "socket:[12345]".to_string(),
+                    }],
+                    state: UnitState::Dumped,
+                },
+                UnitImage {
+                    unit: "redis-server.service".to_string(),
+                    main_pid: 900,
+                    pids: vec![900],
+                    images: "/x".to_string(),
+                    external: vec![],
+                    inherit: vec![],
+                    state: UnitState::Failed("criu said no".to_string()),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let m = sample();
+        let json = m.to_json().unwrap();
+        let text = String::from_utf8(json.clone()).unwrap();
+        assert!(text.contains("\"state\": \"dumped\""), "{text}");
+        assert!(text.contains("\"failed\": \"criu said no\""), "{text}");
+        assert_eq!(Manifest::from_json(&json).unwrap(), m);
+    }
+
+    #[test]
+    fn file_round_trip_and_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = sample();
+        write_atomic(dir.path(), &m).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), m);
+        m.unit_mut("memcached.service").unwrap().state = UnitState::Restored;
+        write_atomic(dir.path(), &m).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), m);
+        assert!(!dir.path().join(MANIFEST_TMP_FILE).exists());
+        assert!(dir.path().join(LOCK_FILE).exists());
+    }
+
+    #[test]
+    fn creates_missing_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("a/b");
+        write_atomic(&sub, &sample()).unwrap();
+        assert_eq!(read(&sub).unwrap(), sample());
+    }
+
+    #[test]
+    fn leftover_tmp_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = sample();
+        write_atomic(dir.path(), &m).unwrap();
+        // A writer crashed halfway through the next write.
+        std::fs::write(
+            dir.path().join(MANIFEST_TMP_FILE),
+            b"{\"version\": 1, \"id\": \"tru",
+        )
+        .unwrap();
+        assert_eq!(read(dir.path()).unwrap(), m);
+        // And the next write replaces the leftover.
+        write_atomic(dir.path(), &m).unwrap();
+        assert!(!dir.path().join(MANIFEST_TMP_FILE).exists());
+    }
+
+    #[test]
+    fn only_tmp_means_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(MANIFEST_TMP_FILE), b"{").unwrap();
+        let err = read(dir.path()).unwrap_err();
+        assert!(matches!(err, ManifestError::Missing { .. }), "{err:?}");
+        assert!(err.to_string().contains("no handoff manifest at"), "{err}");
+    }
+
+    #[test]
+    fn version_mismatch() {
+        let json = br#"{"version": 2, "something": "else"}"#;
+        let err = Manifest::from_json(json).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ManifestError::Version {
+                    found: 2,
+                    supported: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("version 2"), "{msg}");
+        assert!(msg.contains("reads version 1"), "{msg}");
+        assert!(msg.contains("run the kup release that wrote it"), "{msg}");
+    }
+
+    #[test]
+    fn corrupted_json_names_file_and_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let json = sample().to_json().unwrap();
+        std::fs::write(manifest_path(dir.path()), &json[..json.len() / 2]).unwrap();
+        let err = read(dir.path()).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ManifestError::Corrupt { .. }), "{err:?}");
+        assert!(
+            msg.contains(&manifest_path(dir.path()).display().to_string()),
+            "{msg}"
+        );
+        assert!(msg.contains("is corrupt (EOF while parsing"), "{msg}");
+        assert!(msg.contains("line"), "serde_json gives the position: {msg}");
+
+        let err = Manifest::from_json(b"{\"version\": 1}").unwrap_err();
+        assert!(err.to_string().contains("missing field"), "{err}");
+        let err = Manifest::from_json(b"[]").unwrap_err();
+        assert!(matches!(err, ManifestError::Corrupt { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn bad_id_rejected() {
+        let mut m = sample();
+        m.id = "a b".to_string();
+        let err = Manifest::from_json(&m.to_json().unwrap()).unwrap_err();
+        assert!(matches!(err, ManifestError::BadId { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn handoff_ids() {
+        let a = new_handoff_id();
+        let b = new_handoff_id();
+        assert!(is_valid_handoff_id(&a), "{a}");
+        assert_ne!(a, b);
+        assert!(!is_valid_handoff_id(""));
+        assert!(!is_valid_handoff_id("x=y"));
+        assert!(!is_valid_handoff_id("x_y"));
+        assert!(!is_valid_handoff_id(&"a".repeat(65)));
+    }
+}

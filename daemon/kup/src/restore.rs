@@ -1,0 +1,221 @@
+//! Restore: the generator that turns a pending handoff into drop-ins, `kup-restore exec UNIT` (the
+//! start of a marked unit on a handoff boot), and `finish`, which releases the handoff once every
+//! unit is back.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::manifest::{self, UnitState};
+use crate::update::{HANDOFF_DIR, NO_RESTART, RUN_DIR};
+use crate::{criu, systemd};
+
+/// Where kup-restore is installed.
+pub const KUP_RESTORE: &str = "/usr/libexec/kup/kup-restore";
+/// The drop-in name of a restoring start.
+pub const RESTORE_DROPIN: &str = "50-kup-restore";
+
+/// Why a restore failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    #[error("{0} is not in the handoff manifest; nothing to restore for it")]
+    NotInManifest(String),
+    #[error(
+        "no holder process appeared in {0}'s cgroup (the drop-in's ExecStartPre= did not run?)"
+    )]
+    NoHolder(String),
+    #[error(
+        "PID {pid} that {unit} needs is taken by {comm:?}; the early boot hook should have kept it free (is kup's dracut module in this initrd?)"
+    )]
+    PidTaken {
+        unit: String,
+        pid: i32,
+        comm: String,
+    },
+    #[error(transparent)]
+    Criu(#[from] criu::CriuError),
+    #[error(transparent)]
+    Systemd(#[from] systemd::SystemdError),
+    #[error("telling systemd the restored main PID failed: {0}")]
+    Notify(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RestoreError {
+    let what = what.into();
+    move |source| RestoreError::Io { what, source }
+}
+
+/// The pending handoff id recorded by the early boot, if this boot must restore.
+pub fn pending() -> Option<String> {
+    std::fs::read_to_string(Path::new(RUN_DIR).join("pending"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+/// systemd generator: when a handoff is pending, every dumped unit gets the restoring drop-in and
+/// kup-restore.target is pulled into the boot.
+pub fn generate(early_dir: &Path) -> Result<usize, RestoreError> {
+    let Some(id) = pending() else { return Ok(0) };
+    let m = manifest::read(Path::new(HANDOFF_DIR))?;
+    if m.id != id {
+        return Ok(0);
+    }
+    let link = |dir: &str, name: &str, target: &str| -> Result<(), RestoreError> {
+        let d = early_dir.join(dir);
+        std::fs::create_dir_all(&d).map_err(io(format!("creating {}", d.display())))?;
+        let l = d.join(name);
+        let _ = std::fs::remove_file(&l);
+        std::os::unix::fs::symlink(target, &l).map_err(io(format!("linking {}", l.display())))
+    };
+    let mut n = 0;
+    for u in m.units.iter().filter(|u| u.state == UnitState::Dumped) {
+        let path = early_dir.join(format!("{}.d/{RESTORE_DROPIN}.conf", u.unit));
+        systemd::write_dropin(&path, &systemd::restore_dropin(&u.unit, KUP_RESTORE))?;
+        link(
+            "kup-restore.target.wants",
+            &u.unit,
+            &format!("/usr/lib/systemd/system/{}", u.unit),
+        )?;
+        n += 1;
+    }
+    link(
+        "multi-user.target.wants",
+        "kup-restore.target",
+        "/usr/lib/systemd/system/kup-restore.target",
+    )?;
+    link(
+        "kup-restore.target.wants",
+        "kup-restore-finish.service",
+        "/usr/lib/systemd/system/kup-restore-finish.service",
+    )?;
+    Ok(n)
+}
+
+/// `kup-restore exec UNIT`: runs as the unit's ExecStart (full privileges, in the unit's cgroup) while
+/// the holder from ExecStartPre= keeps the unit's fresh sandbox; restores the checkpoint inside it and
+/// hands systemd the restored main PID. Returns that PID.
+pub fn exec(unit: &str) -> Result<i32, RestoreError> {
+    let m = manifest::read(Path::new(HANDOFF_DIR))?;
+    let u = m
+        .unit(unit)
+        .ok_or_else(|| RestoreError::NotInManifest(unit.to_owned()))?
+        .clone();
+    let holder = find_holder(unit)?;
+    for &pid in &u.pids {
+        if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+            return Err(RestoreError::PidTaken {
+                unit: unit.to_owned(),
+                pid,
+                comm: comm.trim().to_owned(),
+            });
+        }
+    }
+    std::fs::create_dir_all(RUN_DIR).map_err(io(format!("creating {RUN_DIR}")))?;
+    let pidfile = PathBuf::from(format!("{RUN_DIR}/{unit}.pid"));
+    let _ = std::fs::remove_file(&pidfile);
+    let images = PathBuf::from(&u.images);
+    criu::run_in_namespaces(
+        holder,
+        &criu::restore_args(&images, &pidfile, &u.inherit),
+        &images,
+        unit,
+    )?;
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .map_err(io(format!("reading {}", pidfile.display())))?
+        .trim()
+        .parse()
+        .map_err(|_| RestoreError::Notify(format!("{} holds no PID", pidfile.display())))?;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(holder),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    libsystemd::daemon::notify(
+        false,
+        &[
+            libsystemd::daemon::NotifyState::Other(format!("MAINPID={pid}")),
+            libsystemd::daemon::NotifyState::Ready,
+        ],
+    )
+    .map_err(|e| RestoreError::Notify(e.to_string()))?;
+    let mut m = manifest::read(Path::new(HANDOFF_DIR))?;
+    if let Some(entry) = m.unit_mut(unit) {
+        entry.state = UnitState::Restored;
+    }
+    manifest::write_atomic(Path::new(HANDOFF_DIR), &m)?;
+    Ok(pid)
+}
+
+/// The holder: the one process of our own cgroup that is not us.
+fn find_holder(unit: &str) -> Result<i32, RestoreError> {
+    let me = std::process::id() as i32;
+    let cg =
+        std::fs::read_to_string("/proc/self/cgroup").map_err(io("reading /proc/self/cgroup"))?;
+    let path = cg
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("/")
+        .to_owned();
+    let procs = format!("/sys/fs/cgroup{path}/cgroup.procs");
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        let text = std::fs::read_to_string(&procs).unwrap_or_default();
+        if let Some(p) = text
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+            .find(|p| *p != me)
+        {
+            return Ok(p);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(RestoreError::NoHolder(unit.to_owned()))
+}
+
+/// Restores `unit` on the running kernel from the handoff's images (rollback before a switch).
+pub fn restore_in_place(unit: &str) -> Result<(), RestoreError> {
+    let dropin = systemd::runtime_dropin(unit, RESTORE_DROPIN);
+    systemd::write_dropin(&dropin, &systemd::restore_dropin(unit, KUP_RESTORE))?;
+    systemd::daemon_reload()?;
+    let _ = systemd::systemctl(&["reset-failed", unit]);
+    let started = systemd::systemctl(&["start", unit]);
+    let _ = std::fs::remove_file(&dropin);
+    let _ = std::fs::remove_file(systemd::runtime_dropin(unit, NO_RESTART));
+    systemd::daemon_reload()?;
+    started.map(|_| ()).map_err(RestoreError::from)
+}
+
+/// After kup-restore.target: when every unit is restored, the handoff is done: the images are
+/// released and the drop-ins disappear (a later crash or reboot starts units normally).
+pub fn finish() -> Result<String, RestoreError> {
+    let Some(id) = pending() else {
+        return Ok("no handoff pending".into());
+    };
+    let dir = Path::new(HANDOFF_DIR);
+    let m = manifest::read(dir)?;
+    let failed: Vec<&str> = m
+        .units
+        .iter()
+        .filter(|u| u.state != UnitState::Restored)
+        .map(|u| u.unit.as_str())
+        .collect();
+    let _ = std::fs::remove_file(Path::new(RUN_DIR).join("pending"));
+    if !failed.is_empty() {
+        std::fs::write(Path::new(RUN_DIR).join("failed"), failed.join("\n"))
+            .map_err(io("recording failed units"))?;
+        return Ok(format!("handoff {id}: not restored: {}", failed.join(", ")));
+    }
+    for u in &m.units {
+        let _ = std::fs::remove_dir_all(&u.images);
+    }
+    let done = dir.with_file_name("handoff.done");
+    let _ = std::fs::remove_dir_all(&done);
+    std::fs::rename(dir, &done).map_err(io("retiring the handoff directory"))?;
+    systemd::systemctl(&["daemon-reload", "--no-block"])?;
+    Ok(format!("handoff {id}: {} unit(s) restored", m.units.len()))
+}

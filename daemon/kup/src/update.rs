@@ -1,0 +1,283 @@
+//! The update, stage by stage on the running kernel: stage -> preflight -> freeze + dump -> switch.
+//! Anything that fails before the switch puts every unit back as it was (restored in place from its
+//! fresh checkpoint) and reports why; nothing is lost.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::config::Settings;
+use crate::manifest::{self, Manifest, UnitImage, UnitState};
+use crate::{criu, kexec, restore, stage, systemd};
+
+/// Where the handoff of the update in flight lives: manifest, id, pid floor.
+pub const HANDOFF_DIR: &str = "/var/lib/kup/handoff";
+/// kup's runtime directory.
+pub const RUN_DIR: &str = "/run/kup";
+/// The drop-in name that keeps a unit from restarting while it is checkpointed.
+pub const NO_RESTART: &str = "50-kup-no-restart";
+
+/// Why an update was refused or failed before the switch.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error("another update is running (lock {0} is held); wait for it to finish")]
+    Busy(String),
+    #[error("no units are marked: add [[unit]] name = \"NAME.service\" to /etc/kup/kup.toml")]
+    NothingMarked,
+    #[error("{unit} cannot be checkpointed: {reason}; fix: {fix}")]
+    Refused {
+        unit: String,
+        reason: String,
+        fix: String,
+    },
+    #[error(
+        "the target kernel's initrd {initrd} lacks kup's dracut module, so the new kernel could not restore; fix: dracut -f --kver {version} (with kup installed)"
+    )]
+    InitrdWithoutModule { initrd: String, version: String },
+    #[error(transparent)]
+    Stage(#[from] stage::StageError),
+    #[error("checkpoint of {unit} failed, every unit was left running: {source}")]
+    Dump {
+        unit: String,
+        source: criu::CriuError,
+    },
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    #[error(transparent)]
+    Systemd(#[from] systemd::SystemdError),
+    #[error("{0}; every unit was restored and keeps running on this kernel")]
+    Switch(kexec::KexecError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> UpdateError {
+    let what = what.into();
+    move |source| UpdateError::Io { what, source }
+}
+
+/// What the caller asked for.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// Kernel version; `None` = the configured one, else the newest installed.
+    pub kernel: Option<String>,
+    /// Extra kernel command-line arguments.
+    pub append: String,
+}
+
+/// A checked update, ready to run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub id: String,
+    pub target: stage::Target,
+    pub units: Vec<String>,
+    pub image_dir: PathBuf,
+}
+
+/// Stage + preflight: resolves the target and checks everything that can be checked while every
+/// service keeps running untouched.
+pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
+    if settings.units.is_empty() {
+        return Err(UpdateError::NothingMarked);
+    }
+    let id = manifest::new_handoff_id();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(io("reading /proc/cmdline"))?;
+    let wanted = req
+        .kernel
+        .clone()
+        .or_else(|| settings.update.kernel.clone());
+    let extra = [settings.update.extra_cmdline.as_str(), req.append.as_str()].join(" ");
+    let target = stage::resolve_target(
+        Path::new(stage::BOOT_DIR),
+        wanted.as_deref(),
+        cmdline.trim(),
+        &id,
+        extra.trim(),
+    )?;
+    for u in &settings.units {
+        preflight_unit(&u.name)?;
+    }
+    if !initrd_has_module(&target.initrd) {
+        return Err(UpdateError::InitrdWithoutModule {
+            initrd: target.initrd.display().to_string(),
+            version: target.version.clone(),
+        });
+    }
+    Ok(Plan {
+        id,
+        target,
+        units: settings.units.iter().map(|u| u.name.clone()).collect(),
+        image_dir: settings.update.image_dir.clone(),
+    })
+}
+
+fn preflight_unit(unit: &str) -> Result<(), UpdateError> {
+    let refuse = |reason: &str, fix: &str| UpdateError::Refused {
+        unit: unit.to_owned(),
+        reason: reason.to_owned(),
+        fix: fix.to_owned(),
+    };
+    if systemd::property(unit, "LoadState")? != "loaded" {
+        return Err(refuse(
+            "no such unit is loaded",
+            "check the name in /etc/kup/kup.toml",
+        ));
+    }
+    if systemd::main_pid(unit)?.is_none() {
+        return Err(refuse(
+            "it is not running (no main PID)",
+            &format!("systemctl start {unit}, or unmark it"),
+        ));
+    }
+    // PrivateUsers= (and DynamicUser=, which implies it) puts the service in a user namespace that
+    // CRIU cannot yet restore into (see docs/ARCHITECTURE.md).
+    if systemd::property(unit, "PrivateUsers")? == "yes"
+        || systemd::property(unit, "DynamicUser")? == "yes"
+    {
+        return Err(refuse(
+            "it runs in a user namespace (PrivateUsers=/DynamicUser=), which CRIU cannot restore into yet",
+            "unmark it; kup will support it when CRIU can join a user namespace late",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the initrd carries kup's early-boot hook.
+fn initrd_has_module(initrd: &Path) -> bool {
+    Command::new("lsinitrd")
+        .arg(initrd)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("kup-handoff.sh"))
+        .unwrap_or(false)
+}
+
+/// Freeze + dump every unit, write the manifest, load the kernel and ask systemd to switch.
+/// Returns once systemd has the kexec job; on any failure every unit is back and running.
+pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError> {
+    std::fs::create_dir_all(RUN_DIR).map_err(io(format!("creating {RUN_DIR}")))?;
+    let lock_path = format!("{RUN_DIR}/update.lock");
+    let lock = File::create(&lock_path).map_err(io(format!("creating {lock_path}")))?;
+    let _lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock)
+        .map_err(|_| UpdateError::Busy(lock_path.clone()))?;
+
+    let handoff = Path::new(HANDOFF_DIR);
+    if handoff.exists() {
+        std::fs::remove_dir_all(handoff)
+            .map_err(io(format!("removing the stale {HANDOFF_DIR}")))?;
+    }
+    let mut m = Manifest {
+        version: manifest::MANIFEST_VERSION,
+        id: plan.id.clone(),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        from_kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        to_kernel: plan.target.version.clone(),
+        cmdline_old: std::fs::read_to_string("/proc/cmdline")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        backend: "disk".into(),
+        image_dir: plan.image_dir.display().to_string(),
+        units: Vec::new(),
+    };
+    manifest::write_atomic(handoff, &m)?;
+    let n = plan.units.len() as u32;
+    for (i, unit) in plan.units.iter().enumerate() {
+        progress("dump", 10 + 70 * i as u32 / n);
+        match dump_unit(unit, &plan.image_dir) {
+            Ok(img) => {
+                m.units.push(img);
+                manifest::write_atomic(handoff, &m)?;
+            }
+            Err(e) => {
+                rollback(&m);
+                return Err(e);
+            }
+        }
+    }
+    // What the early boot reads without parsing JSON: which handoff this is, and the PID floor.
+    let floor = m
+        .units
+        .iter()
+        .flat_map(|u| u.pids.iter())
+        .max()
+        .copied()
+        .unwrap_or(0);
+    let write = |name: &str, text: String| {
+        std::fs::write(handoff.join(name), text)
+            .map_err(io(format!("writing {HANDOFF_DIR}/{name}")))
+    };
+    write("pid-floor", format!("{floor}\n"))?;
+    write("id", format!("{}\n", m.id))?;
+    nix::unistd::sync();
+    progress("switch", 90);
+    if let Err(e) = kexec::load(&plan.target).and_then(|()| kexec::switch()) {
+        kexec::unload();
+        rollback(&m);
+        return Err(UpdateError::Switch(e));
+    }
+    Ok(())
+}
+
+/// Checkpoints one unit: its process tree stops and is written to `image_dir/UNIT`.
+fn dump_unit(unit: &str, image_dir: &Path) -> Result<UnitImage, UpdateError> {
+    let pid = systemd::main_pid(unit)?.ok_or_else(|| UpdateError::Refused {
+        unit: unit.to_owned(),
+        reason: "it stopped before its checkpoint".into(),
+        fix: format!("systemctl start {unit} and update again"),
+    })?;
+    let images = image_dir.join(unit);
+    if images.exists() {
+        std::fs::remove_dir_all(&images)
+            .map_err(io(format!("removing old images {}", images.display())))?;
+    }
+    std::fs::create_dir_all(&images).map_err(io(format!("creating {}", images.display())))?;
+    let dump_err = |source| UpdateError::Dump {
+        unit: unit.to_owned(),
+        source,
+    };
+    let stdio = criu::read_stdio(pid).map_err(dump_err)?;
+    let pids = criu::tree_pids(pid).map_err(dump_err)?;
+    systemd::write_dropin(
+        &systemd::runtime_dropin(unit, NO_RESTART),
+        systemd::NO_RESTART_DROPIN,
+    )?;
+    systemd::daemon_reload()?;
+    if let Err(e) =
+        criu::run_in_namespaces(pid, &criu::dump_args(pid, &images, &stdio), &images, unit)
+    {
+        // CRIU resumes the tree when a dump fails: the unit is still running as before.
+        let _ = std::fs::remove_file(systemd::runtime_dropin(unit, NO_RESTART));
+        let _ = systemd::daemon_reload();
+        return Err(dump_err(e));
+    }
+    Ok(UnitImage {
+        unit: unit.to_owned(),
+        main_pid: pid,
+        pids,
+        images: images.display().to_string(),
+        external: stdio.external,
+        inherit: stdio.inherit,
+        state: UnitState::Dumped,
+    })
+}
+
+/// Restores every dumped unit on this kernel after a failure before the switch.
+fn rollback(m: &Manifest) {
+    for u in &m.units {
+        if let Err(e) = restore::restore_in_place(&u.unit) {
+            tracing::error!(unit = %u.unit, "rollback restore failed: {e}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(HANDOFF_DIR);
+}
