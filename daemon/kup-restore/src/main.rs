@@ -1,4 +1,4 @@
-//! kup-restore: a shim over `kup::restore`. Installed as /usr/libexec/kup/kup-restore and linked as
+//! kup-restore: a shim over `kup::restore`. Installed as /usr/lib/kup/kup-restore and linked as
 //! the systemd generator `kup-generator` (it then acts on its name, as generators are called).
 
 use std::path::Path;
@@ -25,6 +25,8 @@ fn main() -> Result<()> {
             let pid = kup::restore::exec(unit).with_context(|| format!("restoring {unit}"))?;
             println!("kup: {unit} restored as PID {pid}");
         }
+        Some("holder") => kup::restore::spawn_holder().context("starting the restore holder")?,
+        Some("hold") => kup::restore::hold(),
         Some("finish") => println!(
             "kup: {}",
             kup::restore::finish().context("finishing the handoff")?
@@ -35,7 +37,7 @@ fn main() -> Result<()> {
                 .context("usage: kup-restore generator NORMAL EARLY LATE")?;
             kup::restore::generate(Path::new(early))?;
         }
-        _ => bail!("usage: kup-restore exec UNIT | finish | generator NORMAL EARLY LATE"),
+        _ => bail!("usage: kup-restore exec UNIT | holder | finish | generator NORMAL EARLY LATE"),
     }
     Ok(())
 }

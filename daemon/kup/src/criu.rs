@@ -148,6 +148,8 @@ pub fn dump_args(pid: i32, images: &Path, stdio: &Stdio) -> Vec<String> {
         "dump.log".into(),
         "-v4".into(),
         "--tcp-established".into(),
+        // A client connecting right now (not accepted yet) is reset and retries, as at any restart.
+        "--skip-in-flight".into(),
         "--file-locks".into(),
     ];
     for e in &stdio.external {
@@ -157,8 +159,11 @@ pub fn dump_args(pid: i32, images: &Path, stdio: &Stdio) -> Vec<String> {
     a
 }
 
+/// The file, in the image directory, where `criu restore` writes the restored root PID.
+pub const RESTORED_PIDFILE: &str = "restored.pid";
+
 /// `criu restore` arguments (run inside the holder's namespaces, in the unit's cgroup).
-pub fn restore_args(images: &Path, pidfile: &Path, inherit: &[InheritFd]) -> Vec<String> {
+pub fn restore_args(images: &Path, inherit: &[InheritFd]) -> Vec<String> {
     let mut a = vec![
         "restore".into(),
         "-d".into(),
@@ -171,7 +176,7 @@ pub fn restore_args(images: &Path, pidfile: &Path, inherit: &[InheritFd]) -> Vec
         "--file-locks".into(),
         "--manage-cgroups=ignore".into(),
         "--pidfile".into(),
-        pidfile.display().to_string(),
+        RESTORED_PIDFILE.into(),
     ];
     for i in inherit {
         a.push("--inherit-fd".into());
@@ -180,32 +185,76 @@ pub fn restore_args(images: &Path, pidfile: &Path, inherit: &[InheritFd]) -> Vec
     a
 }
 
-/// Runs criu with `args` inside the mount and UTS namespaces of `ns_pid`.
+/// Where CRIU is installed.
+pub const CRIU: &str = "/usr/sbin/criu";
+
+/// Runs criu with `args` inside the mount and UTS namespaces of `ns_pid`, with `images` as its
+/// image directory.
+///
+/// CRIU's binary and the image directory are opened here, outside the unit's namespace, and reached
+/// inside it as `/proc/self/fd/N`: a sandbox with `NoExecPaths=` cannot exec /usr/sbin/criu, and one
+/// with `ProtectSystem=strict` sees /var/lib/kup read-only. Log and pid files are relative to the
+/// image directory.
 pub fn run_in_namespaces(
     ns_pid: i32,
     args: &[String],
     images: &Path,
     what: &str,
 ) -> Result<(), CriuError> {
+    use std::os::fd::AsRawFd;
     let action = if args.first().map(String::as_str) == Some("dump") {
         "dump"
     } else {
         "restore"
     };
+    let open = |p: &Path| {
+        std::fs::File::open(p).map_err(|source| CriuError::Spawn {
+            program: p.display().to_string(),
+            source,
+        })
+    };
+    let criu = open(Path::new(CRIU))?;
+    let dir = open(images)?;
+    for f in [&criu, &dir] {
+        nix::fcntl::fcntl(
+            f,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .map_err(|e| CriuError::Spawn {
+            program: "fcntl".into(),
+            source: e.into(),
+        })?;
+    }
+    let mut args = args.to_vec();
+    if let Some(d) = args.iter().position(|a| a == "-D") {
+        args[d + 1] = format!("/proc/self/fd/{}", dir.as_raw_fd());
+    }
     let status = Command::new("nsenter")
-        .args(["-t", &ns_pid.to_string(), "-m", "-u", "--", "criu"])
-        .args(args)
+        .args([
+            "-t",
+            &ns_pid.to_string(),
+            "-m",
+            "-u",
+            "--",
+            &format!("/proc/self/fd/{}", criu.as_raw_fd()),
+        ])
+        .args(&args)
         .status()
         .map_err(|source| CriuError::Spawn {
             program: "nsenter".into(),
             source,
         })?;
+    drop((criu, dir));
     if status.success() {
         return Ok(());
     }
     let log = images.join(format!("{action}.log"));
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error")).collect();
+    // CRIU probes for tun support and logs its absence as an error: not the reason for a failure.
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error") && !l.contains("Unable to create tun"))
+        .collect();
     let tail = if errors.is_empty() {
         text.lines().rev().take(5).collect::<Vec<_>>().join("\n")
     } else {
@@ -270,7 +319,7 @@ mod tests {
         let d = dump_args(42, Path::new("/img"), &s);
         assert_eq!(&d[..5], ["dump", "-t", "42", "-D", "/img"]);
         assert!(d.windows(2).any(|w| w == ["--external", "unix[7]"]));
-        let r = restore_args(Path::new("/img"), Path::new("/run/kup/p"), &s.inherit);
+        let r = restore_args(Path::new("/img"), &s.inherit);
         assert!(
             r.windows(2)
                 .any(|w| w == ["--inherit-fd", "fd[1]:socket:[7]"])

@@ -2,6 +2,7 @@
 //! start of a marked unit on a handoff boot), and `finish`, which releases the handoff once every
 //! unit is back.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use crate::update::{HANDOFF_DIR, NO_RESTART, RUN_DIR};
 use crate::{criu, systemd};
 
 /// Where kup-restore is installed.
-pub const KUP_RESTORE: &str = "/usr/libexec/kup/kup-restore";
+pub const KUP_RESTORE: &str = "/usr/lib/kup/kup-restore";
 /// The drop-in name of a restoring start.
 pub const RESTORE_DROPIN: &str = "50-kup-restore";
 
@@ -116,13 +117,12 @@ pub fn exec(unit: &str) -> Result<i32, RestoreError> {
             });
         }
     }
-    std::fs::create_dir_all(RUN_DIR).map_err(io(format!("creating {RUN_DIR}")))?;
-    let pidfile = PathBuf::from(format!("{RUN_DIR}/{unit}.pid"));
-    let _ = std::fs::remove_file(&pidfile);
     let images = PathBuf::from(&u.images);
+    let pidfile = images.join(criu::RESTORED_PIDFILE);
+    let _ = std::fs::remove_file(&pidfile);
     criu::run_in_namespaces(
         holder,
-        &criu::restore_args(&images, &pidfile, &u.inherit),
+        &criu::restore_args(&images, &u.inherit),
         &images,
         unit,
     )?;
@@ -149,6 +149,28 @@ pub fn exec(unit: &str) -> Result<i32, RestoreError> {
     }
     manifest::write_atomic(Path::new(HANDOFF_DIR), &m)?;
     Ok(pid)
+}
+
+/// `kup-restore holder` (the restoring drop-in's `ExecStartPre=`, sandboxed like the service): leaves
+/// `kup-restore hold` behind in the unit's fresh namespaces and cgroup, and returns.
+pub fn spawn_holder() -> Result<(), RestoreError> {
+    let me = std::env::current_exe().map_err(io("finding kup-restore"))?;
+    std::process::Command::new(me)
+        .arg("hold")
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(io("starting the holder"))?;
+    Ok(())
+}
+
+/// `kup-restore hold`: keeps the namespaces alive until `exec` has restored into them and ends it.
+pub fn hold() -> ! {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
 }
 
 /// The holder: the one process of our own cgroup that is not us.

@@ -73,7 +73,8 @@ pub const NO_RESTART_DROPIN: &str =
     "# kup: checkpoint in progress; systemd must not restart this unit\n[Service]\nRestart=no\n";
 
 /// The drop-in whose start *is* the restore: systemd builds the unit's sandbox for a holder process
-/// (`ExecStartPre=`, sandboxed like the service), then `kup-restore exec` (with full privileges)
+/// (`ExecStartPre=`, sandboxed like the service; kup-restore lives in /usr/lib so that units with
+/// `NoExecPaths=/` and `ExecPaths=/usr/lib` may run it), then `kup-restore exec` (with full privileges)
 /// restores the checkpoint inside the holder's namespaces and in the unit's cgroup, and tells systemd
 /// the restored process is the unit's main PID.
 pub fn restore_dropin(unit: &str, kup_restore: &str) -> String {
@@ -87,7 +88,7 @@ pub fn restore_dropin(unit: &str, kup_restore: &str) -> String {
          Restart=no\n\
          PIDFile=\n\
          ExecStartPre=\n\
-         ExecStartPre=/bin/sh -c 'sleep infinity &'\n\
+         ExecStartPre={kup_restore} holder\n\
          ExecStart=\n\
          ExecStart=+{kup_restore} exec {unit}\n\
          ExecStartPost=\n\
@@ -101,10 +102,10 @@ mod tests {
 
     #[test]
     fn restore_dropin_replaces_start_and_orders_before_the_target() {
-        let d = restore_dropin("memcached.service", "/usr/libexec/kup/kup-restore");
-        assert!(d.contains(
-            "ExecStart=\nExecStart=+/usr/libexec/kup/kup-restore exec memcached.service\n"
-        ));
+        let d = restore_dropin("memcached.service", "/usr/lib/kup/kup-restore");
+        assert!(
+            d.contains("ExecStart=\nExecStart=+/usr/lib/kup/kup-restore exec memcached.service\n")
+        );
         assert!(d.contains("Type=notify\nNotifyAccess=all\nRestart=no\n"));
         assert!(d.contains("Before=kup-restore.target"));
         assert_eq!(

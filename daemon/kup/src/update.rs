@@ -116,7 +116,8 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
     })
 }
 
-fn preflight_unit(unit: &str) -> Result<(), UpdateError> {
+/// Checks one marked unit: loaded, running, and of a kind kup can restore.
+pub fn preflight_unit(unit: &str) -> Result<(), UpdateError> {
     let refuse = |reason: &str, fix: &str| UpdateError::Refused {
         unit: unit.to_owned(),
         reason: reason.to_owned(),
@@ -134,14 +135,17 @@ fn preflight_unit(unit: &str) -> Result<(), UpdateError> {
             &format!("systemctl start {unit}, or unmark it"),
         ));
     }
-    // PrivateUsers= (and DynamicUser=, which implies it) puts the service in a user namespace that
-    // CRIU cannot yet restore into (see docs/ARCHITECTURE.md).
+    // PrivateUsers= (and DynamicUser=, which implies it) puts the service in a user namespace. CRIU
+    // recreates each thread with its old TID (clone3 set_tid), which the kernel allows only with
+    // CAP_CHECKPOINT_RESTORE in the host user namespace: a task inside the unit's namespace has none.
     if systemd::property(unit, "PrivateUsers")? == "yes"
         || systemd::property(unit, "DynamicUser")? == "yes"
     {
         return Err(refuse(
-            "it runs in a user namespace (PrivateUsers=/DynamicUser=), which CRIU cannot restore into yet",
-            "unmark it; kup will support it when CRIU can join a user namespace late",
+            "it runs in its own user namespace (PrivateUsers= or DynamicUser=), and CRIU 4.2 cannot \
+             recreate its thread IDs inside a user namespace (clone3 set_tid needs CAP_CHECKPOINT_RESTORE \
+             in the host user namespace)",
+            "unmark it for now; see docs/ARCHITECTURE.md, \"User namespaces\"",
         ));
     }
     Ok(())

@@ -1,69 +1,16 @@
 //! Lab acceptance tests: boot real Debian kernels under QEMU and check from the host.
 //! They need QEMU and the cached image (`tests/run` sets both up), so they are `#[ignore]`d in a
 //! plain `cargo test` and run with `--include-ignored`.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-const OLD: &str = "6.12.107+deb13-cloud-amd64";
-const NEW: &str = "6.12.117+deb13-cloud-amd64";
-
-/// A lab with its own run directory, stopped when dropped.
-struct Lab {
-    run: PathBuf,
-}
-
-impl Lab {
-    fn new(name: &str) -> Self {
-        let run = std::env::temp_dir().join(format!("kup-lab-test-{name}-{}", std::process::id()));
-        let lab = Lab { run };
-        lab.cmd(&["stop"]);
-        lab
-    }
-
-    fn cmd(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_kup-lab"))
-            .args(args)
-            .env("KUP_LAB_RUN_DIR", &self.run)
-            .output()
-            .expect("run kup-lab")
-    }
-
-    /// Runs a lab verb that must succeed; returns its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd(args);
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        eprint!("{stderr}");
-        assert!(
-            out.status.success(),
-            "lab {args:?} failed ({}):\n{stdout}\n{stderr}",
-            out.status
-        );
-        stdout
-    }
-
-    fn exec(&self, cmd: &str) -> String {
-        self.ok(&["exec", "--", cmd]).trim().to_owned()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.cmd(&["stop"]);
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{Lab, NEW, OLD, free_port, up_line};
 
 /// Asks memcached on the host port for its version: a check from outside the guest.
 fn memcached_version(port: u16) -> std::io::Result<String> {
@@ -73,20 +20,6 @@ fn memcached_version(port: u16) -> std::io::Result<String> {
     let mut buf = [0u8; 128];
     let n = s.read(&mut buf)?;
     Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
-}
-
-fn up_line(stdout: &str) -> (String, String) {
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("lab: up "))
-        .unwrap_or_else(|| panic!("no up line in {stdout:?}"));
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .unwrap_or_else(|| panic!("no {k} in {line:?}"))
-            .to_owned()
-    };
-    (field("kernel="), field("boot="))
 }
 
 #[test]

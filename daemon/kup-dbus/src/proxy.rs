@@ -1,0 +1,58 @@
+//! Client proxies of `org.kup.Manager1` and `org.kup.Update1`.
+
+use std::collections::HashMap;
+
+use zbus::{OwnedObjectPath, Variant, proxy};
+
+/// The manager object `/org/kup/Manager1` of kupd.
+#[proxy(
+    interface = "org.kup.Manager1",
+    default_service = "org.kup.Manager1",
+    default_path = "/org/kup/Manager1"
+)]
+pub trait Manager1 {
+    /// Starts an update to kernel release `target` (`""`: the newest installed or staged one)
+    /// and returns its `org.kup.Update1` object. Options: see [`crate::options`].
+    ///
+    /// Fails with `org.kup.Error.NotAuthorized`, `Busy`, `Refused` or `InvalidArgs`.
+    #[zbus(allow_interactive_auth)]
+    fn update(
+        &self,
+        target: &str,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> zbus::Result<OwnedObjectPath>;
+
+    /// A [`crate::StatusReport`] as JSON.
+    fn status(&self) -> zbus::Result<String>;
+
+    /// The marked units as a JSON array of [`crate::UnitReport`].
+    fn units(&self) -> zbus::Result<String>;
+}
+
+/// One update, `/org/kup/Manager1/update/N`; build it with `Update1Proxy::builder(..).path(..)`.
+#[proxy(interface = "org.kup.Update1", default_service = "org.kup.Manager1")]
+pub trait Update1 {
+    /// Current phase (see [`crate::phase`]).
+    #[zbus(property)]
+    fn phase(&self) -> zbus::Result<String>;
+
+    /// Progress of the whole update, 0 to 100.
+    #[zbus(property)]
+    fn percentage(&self) -> zbus::Result<u32>;
+
+    /// Target kernel release (resolved: never empty).
+    #[zbus(property)]
+    fn target(&self) -> zbus::Result<String>;
+
+    /// Last message: empty while running, the result once finished.
+    #[zbus(property)]
+    fn message(&self) -> zbus::Result<String>;
+
+    /// Emitted on every progress report of the engine.
+    #[zbus(signal)]
+    fn progress(&self, phase: &str, percentage: u32) -> zbus::Result<()>;
+
+    /// Emitted once, when the update ends (before the switch for a failure).
+    #[zbus(signal)]
+    fn finished(&self, success: bool, message: &str) -> zbus::Result<()>;
+}

@@ -1,0 +1,5 @@
+//! The `kupctl` binary: a shim over [`kupctl::main`].
+
+fn main() -> std::process::ExitCode {
+    kupctl::main()
+}

@@ -1,0 +1,163 @@
+//! `kupctl status` and `kupctl units`: kupd's reports as text.
+
+use std::fmt::Write as _;
+
+use kup_dbus::{StatusReport, UnitReport};
+
+/// A human summary of a status report, one `key  value` line per fact.
+#[must_use]
+pub fn status_text(status: &StatusReport) -> String {
+    let mut rows: Vec<(&str, String)> = vec![
+        ("kupd", status.daemon_version.clone()),
+        ("running kernel", status.running_kernel.clone()),
+        (
+            "default target",
+            status
+                .default_target
+                .clone()
+                .unwrap_or_else(|| String::from("none (no newer kernel installed or staged)")),
+        ),
+        ("marked units", status.marked_units.to_string()),
+    ];
+    if let Some(handoff) = &status.restored_handoff {
+        rows.push(("restored handoff", handoff.clone()));
+    }
+    rows.push((
+        "update",
+        match &status.active_update {
+            Some(u) => format!(
+                "to {} in phase {} ({}%), {}",
+                u.target, u.phase, u.percentage, u.path
+            ),
+            None => String::from("none running"),
+        },
+    ));
+    if let Some(last) = &status.last_update {
+        let how = if last.success { "succeeded" } else { "failed" };
+        rows.push((
+            "last update",
+            format!("to {} {how}: {}", last.target, last.message),
+        ));
+    }
+    for note in &status.notes {
+        rows.push(("note", note.clone()));
+    }
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (key, value) in rows {
+        let _ = writeln!(out, "{key:<width$}  {value}");
+    }
+    out
+}
+
+/// A table of the marked units.
+#[must_use]
+pub fn units_text(units: &[UnitReport]) -> String {
+    if units.is_empty() {
+        return String::from(
+            "no units are marked: add [[unit]] name = \"NAME.service\" to /etc/kup/kup.toml\n",
+        );
+    }
+    let header = ("UNIT", "CHECKPOINTABLE", "REASON");
+    let name_w = units
+        .iter()
+        .map(|u| u.name.len())
+        .chain([header.0.len()])
+        .max()
+        .unwrap_or(0);
+    let ok_w = header.1.len();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<name_w$}  {:<ok_w$}  {}",
+        header.0, header.1, header.2
+    );
+    for unit in units {
+        let ok = if unit.checkpointable { "yes" } else { "no" };
+        let line = format!("{:<name_w$}  {ok:<ok_w$}  {}", unit.name, unit.reason);
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    out
+}
+
+/// kupd's JSON, pretty-printed as it came (unknown fields kept).
+#[must_use]
+pub fn pretty_json(json: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(json)
+        .and_then(|value| serde_json::to_string_pretty(&value))
+        .unwrap_or_else(|_| json.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kup_dbus::{ActiveUpdate, FinishedUpdate};
+
+    #[test]
+    fn status_lists_the_facts_aligned() {
+        let status = StatusReport {
+            daemon_version: "0.1.0".into(),
+            running_kernel: "6.12.107".into(),
+            default_target: Some("7.3.4".into()),
+            marked_units: 2,
+            active_update: Some(ActiveUpdate {
+                path: "/org/kup/Manager1/update/1".into(),
+                target: "7.3.4".into(),
+                phase: "dump".into(),
+                percentage: 40,
+            }),
+            last_update: Some(FinishedUpdate {
+                success: false,
+                target: "7.3.3".into(),
+                message: "no space".into(),
+                ..FinishedUpdate::default()
+            }),
+            ..StatusReport::default()
+        };
+        let text = status_text(&status);
+        assert!(text.contains("running kernel  6.12.107\n"), "{text}");
+        assert!(
+            text.contains(
+                "update          to 7.3.4 in phase dump (40%), /org/kup/Manager1/update/1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("last update     to 7.3.3 failed: no space"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn units_are_a_table() {
+        let units = [
+            UnitReport {
+                name: "memcached.service".into(),
+                checkpointable: true,
+                reason: String::new(),
+            },
+            UnitReport {
+                name: "redis-server.service".into(),
+                checkpointable: false,
+                reason: "redis-server.service is not running: systemctl start redis-server".into(),
+            },
+        ];
+        assert_eq!(
+            units_text(&units),
+            "UNIT                  CHECKPOINTABLE  REASON\n\
+             memcached.service     yes\n\
+             redis-server.service  no              redis-server.service is not running: systemctl start redis-server\n"
+        );
+    }
+
+    #[test]
+    fn no_units_says_how_to_mark_one() {
+        assert!(units_text(&[]).contains("/etc/kup/kup.toml"));
+    }
+
+    #[test]
+    fn json_is_pretty_printed_and_kept_when_invalid() {
+        assert_eq!(pretty_json(r#"{"a":1}"#), "{\n  \"a\": 1\n}");
+        assert_eq!(pretty_json("not json"), "not json");
+    }
+}

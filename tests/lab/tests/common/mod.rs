@@ -1,0 +1,115 @@
+//! Shared by the lab tests: a lab guest with its own run directory, and host-side clients that check
+//! services from outside the guest.
+#![allow(dead_code, clippy::unwrap_used)]
+
+pub mod memcached;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+pub const OLD: &str = "6.12.107+deb13-cloud-amd64";
+pub const NEW: &str = "6.12.117+deb13-cloud-amd64";
+pub const MAJOR: &str = "7.3.4+deb13-cloud-amd64";
+
+/// A lab guest with its own run directory, stopped when dropped.
+pub struct Lab {
+    pub run: PathBuf,
+}
+
+impl Lab {
+    pub fn new(name: &str) -> Self {
+        let run = std::env::temp_dir().join(format!("kup-lab-test-{name}-{}", std::process::id()));
+        let lab = Lab { run };
+        lab.cmd(&["stop"]);
+        lab
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_kup-lab"))
+            .args(args)
+            .env("KUP_LAB_RUN_DIR", &self.run)
+            .output()
+            .expect("run kup-lab")
+    }
+
+    /// Runs a lab verb that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprint!("{stderr}");
+        assert!(
+            out.status.success(),
+            "lab {args:?} failed ({}):\n{stdout}\n{stderr}",
+            out.status
+        );
+        stdout
+    }
+
+    /// Runs a shell command in the guest that must succeed; returns its trimmed stdout.
+    pub fn exec(&self, cmd: &str) -> String {
+        self.ok(&["exec", "--", cmd]).trim().to_owned()
+    }
+
+    /// Runs a shell command in the guest; returns (status, stdout, stderr).
+    pub fn try_exec(&self, cmd: &str) -> (i32, String, String) {
+        let out = self.cmd(&["exec", "--", cmd]);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::env::var_os("KUP_LAB_KEEP").is_none() {
+            let _ = self.cmd(&["stop"]);
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The (kernel, boot id) of a `lab: up` line.
+pub fn up_line(stdout: &str) -> (String, String) {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("lab: up "))
+        .unwrap_or_else(|| panic!("no up line in {stdout:?}"));
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+            .to_owned()
+    };
+    (field("kernel="), field("boot="))
+}
+
+/// kup's install tree (what the Debian package will carry) plus the lab's install hook, built from
+/// this workspace's release binaries; `config` becomes /etc/kup/kup.toml.
+pub fn install_tree(name: &str, config: &str) -> PathBuf {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let tree = std::env::temp_dir().join(format!("kup-tree-{name}-{}", std::process::id()));
+    let st = Command::new(repo.join("packaging/install-tree"))
+        .arg(&tree)
+        .status()
+        .expect("run install-tree");
+    assert!(
+        st.success(),
+        "packaging/install-tree failed: build the workspace first (cargo build --release --workspace)"
+    );
+    let hook = tree.join("usr/lib/kup-lab/payload-install");
+    std::fs::create_dir_all(hook.parent().unwrap()).unwrap();
+    std::fs::copy(repo.join("tests/lab/payload/payload-install"), &hook).unwrap();
+    std::fs::write(tree.join("etc/kup/kup.toml"), config).unwrap();
+    tree
+}

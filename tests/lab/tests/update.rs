@@ -1,0 +1,188 @@
+//! Lab acceptance tests of the first real kernel update (disk backend): marked units come back on the
+//! new kernel with every key, the same PIDs and as the same units, checked from the host.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{Lab, MAJOR, NEW, OLD, free_port, memcached, up_line};
+
+/// Marked units of these tests.
+const CONFIG: &str = "[[unit]]\nname = \"memcached.service\"\n";
+/// Keys loaded into memcached: ~280 MB of values of 100..5000 bytes.
+const KEYS: u32 = 110_000;
+
+/// Polls memcached from the host every 50 ms; reports the outage (first failed request to the first
+/// successful one after it).
+struct Probe {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Option<Duration>>,
+}
+
+impl Probe {
+    fn start(port: u16) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let handle = std::thread::spawn(move || {
+            let mut down_since: Option<Instant> = None;
+            let mut outage = None;
+            while !s.load(Ordering::SeqCst) {
+                let ok = memcached::answers(port);
+                match (ok, down_since) {
+                    (false, None) => down_since = Some(Instant::now()),
+                    (true, Some(t)) => {
+                        outage = Some(t.elapsed());
+                        down_since = None;
+                    }
+                    _ => {}
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            outage
+        });
+        Probe { stop, handle }
+    }
+
+    fn finish(self) -> Option<Duration> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().expect("probe thread")
+    }
+}
+
+/// Everything a user checks after an update, from the host.
+fn check_restored(lab: &Lab, port: u16, kernel: &str, pid_before: &str) {
+    assert_eq!(lab.exec("uname -r"), kernel);
+    assert_eq!(lab.exec("systemctl is-active memcached"), "active");
+    assert_eq!(
+        lab.exec("systemctl show -p MainPID --value memcached"),
+        pid_before,
+        "memcached keeps its PID"
+    );
+    let t = Instant::now();
+    let (good, bad) = memcached::verify(port, KEYS).expect("read memcached from the host");
+    eprintln!(
+        "memcached: {good} keys identical, {bad} missing or different ({:.1} s to read)",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!((good, bad), (KEYS, 0));
+    // Restored before normal services: the unit was active before multi-user.target was reached.
+    let active: u64 = lab
+        .exec("systemctl show -p ActiveEnterTimestampMonotonic --value memcached")
+        .parse()
+        .unwrap();
+    let multi: u64 = lab
+        .exec("systemctl show -p ActiveEnterTimestampMonotonic --value multi-user.target")
+        .parse()
+        .unwrap();
+    assert!(
+        active > 0 && active <= multi,
+        "memcached active at {active} µs, multi-user.target at {multi} µs"
+    );
+    let journal = lab.exec("journalctl -b -u memcached -o cat --no-pager");
+    assert!(
+        journal.contains(&format!(
+            "kup: memcached.service restored as PID {pid_before}"
+        )),
+        "{journal}"
+    );
+    // No residue: the handoff is finished, the restore drop-in is gone, the next start is a normal one.
+    assert_eq!(
+        lab.exec("systemctl show -p DropInPaths --value memcached"),
+        ""
+    );
+    assert_eq!(
+        lab.exec("test -e /run/kup/pending && echo pending || echo none"),
+        "none"
+    );
+    assert_eq!(
+        lab.exec("systemctl show -p Restart --value memcached"),
+        "always"
+    );
+}
+
+/// Runs one update with `cmd` in the guest and waits for the new kernel; returns (switch, outage).
+fn update(lab: &Lab, port: u16, cmd: &str, kernel: &str) {
+    let pid = lab.exec("systemctl show -p MainPID --value memcached");
+    let (_, boot_before) = up_line(&format!(
+        "lab: up kernel=? boot={}",
+        lab.exec("cat /proc/sys/kernel/random/boot_id")
+    ));
+    let probe = Probe::start(port);
+    let t0 = Instant::now();
+    let (code, out, err) = lab.try_exec(cmd);
+    eprint!("{out}{err}");
+    // kupctl returns when the switch has begun, or loses the guest under it (255): both are fine;
+    // anything else is a refusal or a failure before the switch.
+    assert!(
+        code == 0 || code == 255,
+        "{cmd} failed with {code}:\n{out}\n{err}"
+    );
+    let waited = lab.ok(&["wait", "--timeout", "400"]);
+    let switch = t0.elapsed();
+    let (k, boot) = up_line(&waited);
+    assert_eq!(k, kernel);
+    assert_ne!(boot, boot_before);
+    while !memcached::answers(port) && t0.elapsed() < Duration::from_secs(600) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let outage = probe.finish();
+    eprintln!(
+        "update to {kernel}: command -> new kernel at multi-user {:.1} s; memcached downtime seen by the host {:.1} s",
+        switch.as_secs_f64(),
+        outage.map(|d| d.as_secs_f64()).unwrap_or(f64::NAN)
+    );
+    check_restored(lab, port, kernel, &pid);
+}
+
+#[test]
+#[ignore = "lab: boots QEMU guests; run through tests/run"]
+fn updates_forward_to_a_point_release_and_a_major_release_then_back_down() {
+    let tree = common::install_tree("update", CONFIG);
+    // An administrator who is not root, granted org.kup.update by a polkit rule.
+    let rules = tree.join("etc/polkit-1/rules.d");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("50-kup-test.rules"),
+        "polkit.addRule(function(action, subject) {\n  if (action.id == \"org.kup.update\" && subject.user == \"kupadmin\") return polkit.Result.YES;\n});\n",
+    )
+    .unwrap();
+    let lab = Lab::new("update");
+    let port = free_port();
+    lab.ok(&[
+        "start",
+        "--kernel",
+        OLD,
+        "--mem",
+        "2048",
+        "--forward",
+        &format!("{port}:11211"),
+        "--payload-tree",
+        tree.to_str().unwrap(),
+    ]);
+    lab.exec("useradd -m kupadmin");
+    let t = Instant::now();
+    let bytes = memcached::load(port, KEYS).expect("load memcached from the host");
+    eprintln!(
+        "loaded {KEYS} keys, {} MiB of values, in {:.1} s",
+        bytes >> 20,
+        t.elapsed().as_secs_f64()
+    );
+    assert!(bytes >= 256 << 20);
+    assert_eq!(memcached::verify(port, KEYS).unwrap(), (KEYS, 0));
+
+    // 1. kupctl update to the stable point release, by a non-root user polkit grants it to.
+    update(
+        &lab,
+        port,
+        &format!("runuser -u kupadmin -- kupctl update --kernel {NEW}"),
+        NEW,
+    );
+    // 2. systemctl start kup-update: the newest installed kernel, a major release.
+    update(&lab, port, "systemctl start kup-update", MAJOR);
+    // 3. Back down to the older kernel, by root: as ordinary as going forward.
+    update(&lab, port, &format!("kupctl update --kernel {NEW}"), NEW);
+}
