@@ -8,6 +8,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use rust_criu::rust_criu_protobuf::rpc;
+
 use crate::manifest::InheritFd;
 
 /// Why CRIU could not do its part.
@@ -136,76 +138,154 @@ pub fn tree_pids(pid: i32) -> Result<Vec<i32>, CriuError> {
     Ok(out)
 }
 
-/// `criu dump` arguments for the tree at `pid` (run inside its namespaces).
-pub fn dump_args(pid: i32, images: &Path, stdio: &Stdio) -> Vec<String> {
-    let mut a = vec![
-        "dump".into(),
-        "-t".into(),
-        pid.to_string(),
-        "-D".into(),
-        images.display().to_string(),
-        "-o".into(),
-        "dump.log".into(),
-        "-v4".into(),
-        "--tcp-established".into(),
-        // A client connecting right now (not accepted yet) is reset and retries, as at any restart.
-        "--skip-in-flight".into(),
-        "--file-locks".into(),
-    ];
-    for e in &stdio.external {
-        a.push("--external".into());
-        a.push(e.clone());
-    }
-    a
+/// What kup asks CRIU to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Copy the memory while the tree keeps running (soft-dirty tracking starts or continues).
+    PreDump,
+    Dump,
+    Restore,
 }
 
-/// The file, in the image directory, where `criu restore` writes the restored root PID.
-pub const RESTORED_PIDFILE: &str = "restored.pid";
-
-/// `criu restore` arguments (run inside the holder's namespaces, in the unit's cgroup).
-pub fn restore_args(images: &Path, inherit: &[InheritFd]) -> Vec<String> {
-    let mut a = vec![
-        "restore".into(),
-        "-d".into(),
-        "-D".into(),
-        images.display().to_string(),
-        "-o".into(),
-        "restore.log".into(),
-        "-v4".into(),
-        "--tcp-established".into(),
-        "--file-locks".into(),
-        "--manage-cgroups=ignore".into(),
-        "--pidfile".into(),
-        RESTORED_PIDFILE.into(),
-    ];
-    for i in inherit {
-        a.push("--inherit-fd".into());
-        a.push(format!("fd[{}]:{}", i.fd, i.key));
+impl Action {
+    fn name(self) -> &'static str {
+        match self {
+            Action::PreDump => "pre-dump",
+            Action::Dump => "dump",
+            Action::Restore => "restore",
+        }
     }
-    a
+}
+
+/// The RPC request (CRIU's rpc.proto) for `action`; `images_dir_fd` is the image directory as CRIU
+/// will see it; `parent` is the previous pre-dump's directory, relative to the image directory.
+pub fn request(
+    action: Action,
+    pid: i32,
+    images_dir_fd: i32,
+    stdio: &Stdio,
+    parent: Option<&str>,
+) -> rpc::Criu_req {
+    let mut o = rpc::Criu_opts::new();
+    o.set_images_dir_fd(images_dir_fd);
+    o.set_log_file(format!("{}.log", action.name()));
+    o.set_log_level(4);
+    o.set_tcp_established(true);
+    o.set_file_locks(true);
+    let mut req = rpc::Criu_req::new();
+    if let Some(p) = parent {
+        o.set_parent_img(p.to_owned());
+    }
+    match action {
+        Action::PreDump => {
+            o.set_pid(pid);
+            o.set_track_mem(true);
+            req.set_type(rpc::Criu_req_type::PRE_DUMP);
+        }
+        Action::Dump => {
+            o.set_track_mem(parent.is_some());
+            o.set_pid(pid);
+            // A client connecting right now (not accepted yet) is reset and retries, as at any restart.
+            o.set_tcp_skip_in_flight(true);
+            o.external = stdio.external.clone();
+            req.set_type(rpc::Criu_req_type::DUMP);
+        }
+        Action::Restore => {
+            // The restoring process is already in the unit's cgroup; its children stay there.
+            o.set_manage_cgroups_mode(rpc::Criu_cg_mode::IGNORE);
+            o.inherit_fd = stdio
+                .inherit
+                .iter()
+                .map(|i| {
+                    let mut f = rpc::Inherit_fd::new();
+                    f.set_fd(i.fd);
+                    f.set_key(i.key.clone());
+                    f
+                })
+                .collect();
+            req.set_type(rpc::Criu_req_type::RESTORE);
+        }
+    }
+    req.opts = protobuf::MessageField::some(o);
+    req
 }
 
 /// Where CRIU is installed.
 pub const CRIU: &str = "/usr/sbin/criu";
 
-/// Runs criu with `args` inside the mount and UTS namespaces of `ns_pid`, with `images` as its
-/// image directory.
-///
-/// CRIU's binary and the image directory are opened here, outside the unit's namespace, and reached
-/// inside it as `/proc/self/fd/N`: a sandbox with `NoExecPaths=` cannot exec /usr/sbin/criu, and one
-/// with `ProtectSystem=strict` sees /var/lib/kup read-only. Log and pid files are relative to the
-/// image directory.
-pub fn run_in_namespaces(
-    ns_pid: i32,
-    args: &[String],
+/// Copies the memory of the tree at `pid` into `images` while it keeps running (only what changed
+/// since `parent`, when given).
+pub fn pre_dump(
+    pid: i32,
     images: &Path,
+    parent: Option<&str>,
     what: &str,
 ) -> Result<(), CriuError> {
+    swrk(
+        pid,
+        Action::PreDump,
+        pid,
+        images,
+        &Stdio::default(),
+        parent,
+        what,
+    )
+    .map(|_| ())
+}
+
+/// Dumps the tree at `pid` into `images` (only the pages changed since `parent`, when given),
+/// running CRIU inside the tree's mount and UTS namespaces. The tree is gone afterwards.
+pub fn dump(
+    pid: i32,
+    images: &Path,
+    stdio: &Stdio,
+    parent: Option<&str>,
+    what: &str,
+) -> Result<(), CriuError> {
+    swrk(pid, Action::Dump, pid, images, stdio, parent, what).map(|_| ())
+}
+
+/// Restores the images inside the mount and UTS namespaces of `ns_pid`, handing CRIU the
+/// descriptors of `inherit` (this process's own); returns the restored root PID.
+pub fn restore(
+    ns_pid: i32,
+    images: &Path,
+    inherit: &[InheritFd],
+    what: &str,
+) -> Result<i32, CriuError> {
+    let stdio = Stdio {
+        external: Vec::new(),
+        inherit: inherit.to_vec(),
+    };
+    let resp = swrk(ns_pid, Action::Restore, 0, images, &stdio, None, what)?;
+    Ok(resp.restore.pid())
+}
+
+/// Runs one RPC with `criu swrk` started inside the mount and UTS namespaces of `ns_pid`.
+///
+/// CRIU's binary and the image directory are opened here, outside the unit's namespace: a sandbox with
+/// `NoExecPaths=` cannot exec /usr/sbin/criu, and one with `ProtectSystem=strict` sees /var/lib/kup
+/// read-only. CRIU execs the binary as an inherited descriptor and opens the directory through
+/// `/proc/<this process>/fd/N` (the RPC client's descriptor); it writes its log there.
+fn swrk(
+    ns_pid: i32,
+    action: Action,
+    pid: i32,
+    images: &Path,
+    stdio: &Stdio,
+    parent: Option<&str>,
+    what: &str,
+) -> Result<rpc::Criu_resp, CriuError> {
+    use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, recv, send, socketpair};
+    use protobuf::Message;
     use std::os::fd::AsRawFd;
-    let action = if args.first().map(String::as_str) == Some("dump") {
-        "dump"
-    } else {
-        "restore"
+
+    let sys = |program: &str| {
+        let program = program.to_owned();
+        move |e: nix::Error| CriuError::Spawn {
+            program,
+            source: e.into(),
+        }
     };
     let open = |p: &Path| {
         std::fs::File::open(p).map_err(|source| CriuError::Spawn {
@@ -215,21 +295,20 @@ pub fn run_in_namespaces(
     };
     let criu = open(Path::new(CRIU))?;
     let dir = open(images)?;
-    for f in [&criu, &dir] {
-        nix::fcntl::fcntl(
-            f,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-        )
-        .map_err(|e| CriuError::Spawn {
-            program: "fcntl".into(),
-            source: e.into(),
-        })?;
-    }
-    let mut args = args.to_vec();
-    if let Some(d) = args.iter().position(|a| a == "-D") {
-        args[d + 1] = format!("/proc/self/fd/{}", dir.as_raw_fd());
-    }
-    let status = Command::new("nsenter")
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(sys("socketpair"))?;
+    // These three must survive the exec into nsenter and then criu.
+    let inherit = || nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty());
+    nix::fcntl::fcntl(&criu, inherit()).map_err(sys("fcntl"))?;
+    nix::fcntl::fcntl(&dir, inherit()).map_err(sys("fcntl"))?;
+    nix::fcntl::fcntl(&theirs, inherit()).map_err(sys("fcntl"))?;
+    let dir_fd = dir.as_raw_fd();
+    let mut child = Command::new("nsenter")
         .args([
             "-t",
             &ns_pid.to_string(),
@@ -238,34 +317,76 @@ pub fn run_in_namespaces(
             "--",
             &format!("/proc/self/fd/{}", criu.as_raw_fd()),
         ])
-        .args(&args)
-        .status()
+        .args(["swrk", &theirs.as_raw_fd().to_string()])
+        .stdin(std::process::Stdio::inherit())
+        .spawn()
         .map_err(|source| CriuError::Spawn {
             program: "nsenter".into(),
             source,
         })?;
-    drop((criu, dir));
-    if status.success() {
-        return Ok(());
+    // CRIU opens the image directory as /proc/<our pid>/fd/<dir_fd>: `dir` stays open until it answers.
+    drop((criu, theirs));
+
+    let fail = |reason: String| {
+        let log = images.join(format!("{}.log", action.name()));
+        CriuError::Failed {
+            action: action.name(),
+            what: what.to_owned(),
+            log: log.display().to_string(),
+            tail: format!("{reason}\n{}", log_errors(&log)),
+        }
+    };
+    let req = request(action, pid, dir_fd, stdio, parent);
+    let bytes = req
+        .write_to_bytes()
+        .map_err(|e| fail(format!("encoding the request: {e}")))?;
+    send(ours.as_raw_fd(), &bytes, MsgFlags::empty()).map_err(sys("send to criu"))?;
+    let mut buf = vec![0u8; 1 << 16];
+    let resp = loop {
+        let n =
+            recv(ours.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(sys("recv from criu"))?;
+        if n == 0 {
+            let _ = child.wait();
+            return Err(fail("criu exited without answering".into()));
+        }
+        let resp = rpc::Criu_resp::parse_from_bytes(&buf[..n])
+            .map_err(|e| fail(format!("unreadable answer: {e}")))?;
+        if resp.type_() == rpc::Criu_req_type::NOTIFY {
+            let mut ack = rpc::Criu_req::new();
+            ack.set_type(rpc::Criu_req_type::NOTIFY);
+            ack.set_notify_success(true);
+            let bytes = ack
+                .write_to_bytes()
+                .map_err(|e| fail(format!("encoding the notify answer: {e}")))?;
+            send(ours.as_raw_fd(), &bytes, MsgFlags::empty()).map_err(sys("send to criu"))?;
+            continue;
+        }
+        break resp;
+    };
+    drop((ours, dir));
+    let _ = child.wait();
+    if !resp.success() {
+        let errno = resp.cr_errno();
+        return Err(fail(format!(
+            "CRIU says: {} (errno {errno})",
+            resp.cr_errmsg()
+        )));
     }
-    let log = images.join(format!("{action}.log"));
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    // CRIU probes for tun support and logs its absence as an error: not the reason for a failure.
+    Ok(resp)
+}
+
+/// The error lines of a CRIU log (its probe for tun support is not a reason for a failure).
+fn log_errors(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
     let errors: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("Error") && !l.contains("Unable to create tun"))
         .collect();
-    let tail = if errors.is_empty() {
+    if errors.is_empty() {
         text.lines().rev().take(5).collect::<Vec<_>>().join("\n")
     } else {
         errors.join("\n")
-    };
-    Err(CriuError::Failed {
-        action,
-        what: what.to_owned(),
-        log: log.display().to_string(),
-        tail,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -314,17 +435,52 @@ mod tests {
     }
 
     #[test]
-    fn command_lines_carry_externals_and_inherited_fds() {
-        let s = stdio_args(&[(1, StdioFd::Socket(7))]);
-        let d = dump_args(42, Path::new("/img"), &s);
-        assert_eq!(&d[..5], ["dump", "-t", "42", "-D", "/img"]);
-        assert!(d.windows(2).any(|w| w == ["--external", "unix[7]"]));
-        let r = restore_args(Path::new("/img"), &s.inherit);
+    fn rpc_requests_carry_externals_and_inherited_fds() {
+        let s = stdio_args(&[
+            (
+                0,
+                StdioFd::File {
+                    mnt_id: 35,
+                    inode: 4,
+                },
+            ),
+            (1, StdioFd::Socket(7)),
+        ]);
+        let d = request(Action::Dump, 42, 9, &s, None);
+        assert_eq!(d.type_(), rpc::Criu_req_type::DUMP);
+        assert_eq!(d.opts.pid(), 42);
+        assert_eq!(d.opts.images_dir_fd(), 9);
+        assert_eq!(d.opts.external, ["file[23:4]", "unix[7]"]);
+        assert!(d.opts.tcp_established() && d.opts.tcp_skip_in_flight());
+        assert_eq!(d.opts.log_file(), "dump.log");
+        let r = request(Action::Restore, 0, 9, &s, None);
+        assert_eq!(r.type_(), rpc::Criu_req_type::RESTORE);
+        let inherit: Vec<(i32, &str)> = r
+            .opts
+            .inherit_fd
+            .iter()
+            .map(|f| (f.fd(), f.key()))
+            .collect();
+        assert_eq!(inherit, [(0, "file[23:4]"), (1, "socket:[7]")]);
+        assert_eq!(r.opts.manage_cgroups_mode(), rpc::Criu_cg_mode::IGNORE);
+        assert!(r.opts.external.is_empty());
+    }
+
+    #[test]
+    fn pre_copy_chains_each_round_to_the_previous_one() {
+        let p = request(Action::PreDump, 42, 9, &Stdio::default(), Some("pre-1"));
+        assert_eq!(p.type_(), rpc::Criu_req_type::PRE_DUMP);
+        assert!(p.opts.track_mem());
+        assert_eq!(p.opts.parent_img(), "pre-1");
+        assert_eq!(p.opts.log_file(), "pre-dump.log");
+        let d = request(Action::Dump, 42, 9, &Stdio::default(), Some("pre-2"));
+        assert!(d.opts.track_mem());
+        assert_eq!(d.opts.parent_img(), "pre-2");
         assert!(
-            r.windows(2)
-                .any(|w| w == ["--inherit-fd", "fd[1]:socket:[7]"])
+            !request(Action::Dump, 42, 9, &Stdio::default(), None)
+                .opts
+                .track_mem()
         );
-        assert!(r.contains(&"--manage-cgroups=ignore".to_owned()));
     }
 
     #[test]

@@ -9,3 +9,17 @@ pub mod restore;
 pub mod stage;
 pub mod systemd;
 pub mod update;
+
+/// An I/O failure with what kup was doing when it happened (shared by the stages' error types).
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct IoError {
+    pub what: String,
+    pub source: std::io::Error,
+}
+
+/// `map_err` adapter: `std::fs::read(p).map_err(io(format!("reading {p}")))?`.
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> IoError {
+    let what = what.into();
+    move |source| IoError { what, source }
+}

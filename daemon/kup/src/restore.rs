@@ -40,17 +40,11 @@ pub enum RestoreError {
     Systemd(#[from] systemd::SystemdError),
     #[error("telling systemd the restored main PID failed: {0}")]
     Notify(String),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RestoreError {
-    let what = what.into();
-    move |source| RestoreError::Io { what, source }
-}
+use crate::io;
 
 /// The pending handoff id recorded by the early boot, if this boot must restore.
 pub fn pending() -> Option<String> {
@@ -72,7 +66,8 @@ pub fn generate(early_dir: &Path) -> Result<usize, RestoreError> {
         std::fs::create_dir_all(&d).map_err(io(format!("creating {}", d.display())))?;
         let l = d.join(name);
         let _ = std::fs::remove_file(&l);
-        std::os::unix::fs::symlink(target, &l).map_err(io(format!("linking {}", l.display())))
+        std::os::unix::fs::symlink(target, &l).map_err(io(format!("linking {}", l.display())))?;
+        Ok(())
     };
     let mut n = 0;
     for u in m.units.iter().filter(|u| u.state == UnitState::Dumped) {
@@ -118,19 +113,7 @@ pub fn exec(unit: &str) -> Result<i32, RestoreError> {
         }
     }
     let images = PathBuf::from(&u.images);
-    let pidfile = images.join(criu::RESTORED_PIDFILE);
-    let _ = std::fs::remove_file(&pidfile);
-    criu::run_in_namespaces(
-        holder,
-        &criu::restore_args(&images, &u.inherit),
-        &images,
-        unit,
-    )?;
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .map_err(io(format!("reading {}", pidfile.display())))?
-        .trim()
-        .parse()
-        .map_err(|_| RestoreError::Notify(format!("{} holds no PID", pidfile.display())))?;
+    let pid = criu::restore(holder, &images, &u.inherit, unit)?;
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(holder),
         nix::sys::signal::Signal::SIGKILL,

@@ -49,17 +49,11 @@ pub enum UpdateError {
     Systemd(#[from] systemd::SystemdError),
     #[error("{0}; every unit was restored and keeps running on this kernel")]
     Switch(kexec::KexecError),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> UpdateError {
-    let what = what.into();
-    move |source| UpdateError::Io { what, source }
-}
+use crate::io;
 
 /// What the caller asked for.
 #[derive(Debug, Clone, Default)]
@@ -77,6 +71,8 @@ pub struct Plan {
     pub target: stage::Target,
     pub units: Vec<String>,
     pub image_dir: PathBuf,
+    /// Pre-copy rounds before the final dump (0 = none).
+    pub precopy_rounds: u8,
 }
 
 /// Stage + preflight: resolves the target and checks everything that can be checked while every
@@ -113,6 +109,7 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
         target,
         units: settings.units.iter().map(|u| u.name.clone()).collect(),
         image_dir: settings.update.image_dir.clone(),
+        precopy_rounds: settings.update.precopy_rounds,
     })
 }
 
@@ -196,9 +193,16 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
     };
     manifest::write_atomic(handoff, &m)?;
     let n = plan.units.len() as u32;
+    // Pre-copy: every unit's memory goes to disk while all of them keep serving; the final dumps
+    // below then write only what changed since.
+    let mut parents = Vec::new();
     for (i, unit) in plan.units.iter().enumerate() {
-        progress("dump", 10 + 70 * i as u32 / n);
-        match dump_unit(unit, &plan.image_dir) {
+        progress("pre-copy", 5 + 30 * i as u32 / n);
+        parents.push(precopy(unit, &plan.image_dir, plan.precopy_rounds));
+    }
+    for (i, unit) in plan.units.iter().enumerate() {
+        progress("dump", 40 + 40 * i as u32 / n);
+        match dump_unit(unit, &plan.image_dir, parents[i].as_deref()) {
             Ok(img) => {
                 m.units.push(img);
                 manifest::write_atomic(handoff, &m)?;
@@ -233,15 +237,73 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
     Ok(())
 }
 
-/// Checkpoints one unit: its process tree stops and is written to `image_dir/UNIT`.
-fn dump_unit(unit: &str, image_dir: &Path) -> Result<UnitImage, UpdateError> {
+/// Pre-dumps `unit` into `image_dir/UNIT/pre-K` up to `rounds` times, stopping early when a round
+/// writes no less than the one before (the service dirties memory as fast as it is copied). Returns
+/// the last round's directory relative to the unit's image directory, for the final dump; `None` when
+/// there is none (no rounds, or the first failed: the final dump then copies everything).
+fn precopy(unit: &str, image_dir: &Path, rounds: u8) -> Option<String> {
+    let pid = systemd::main_pid(unit).ok().flatten()?;
+    let images = image_dir.join(unit);
+    let _ = std::fs::remove_dir_all(&images);
+    let mut last: Option<(String, u64)> = None;
+    for round in 1..=rounds {
+        let name = format!("pre-{round}");
+        let dir = images.join(&name);
+        if std::fs::create_dir_all(&dir).is_err() {
+            break;
+        }
+        let parent = last.as_ref().map(|(p, _)| format!("../{p}"));
+        let t = std::time::Instant::now();
+        if let Err(e) = criu::pre_dump(pid, &dir, parent.as_deref(), unit) {
+            tracing::warn!(
+                unit,
+                round,
+                "pre-copy round failed, the final dump copies from the last good round: {e}"
+            );
+            break;
+        }
+        let bytes = dir_bytes(&dir);
+        tracing::info!(
+            unit,
+            round,
+            mib = bytes >> 20,
+            seconds = t.elapsed().as_secs_f64(),
+            "kup: pre-copy of {unit} round {round}: {} MiB in {:.1} s",
+            bytes >> 20,
+            t.elapsed().as_secs_f64()
+        );
+        let shrinking = last.as_ref().is_none_or(|(_, prev)| bytes < *prev);
+        last = Some((name, bytes));
+        if !shrinking {
+            break;
+        }
+    }
+    last.map(|(name, _)| name)
+}
+
+/// Bytes in the files of a directory (the pages a pre-dump wrote).
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|es| {
+            es.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Checkpoints one unit: its process tree stops and is written to `image_dir/UNIT` (only what
+/// changed since the pre-copy round `parent`, when given).
+fn dump_unit(unit: &str, image_dir: &Path, parent: Option<&str>) -> Result<UnitImage, UpdateError> {
     let pid = systemd::main_pid(unit)?.ok_or_else(|| UpdateError::Refused {
         unit: unit.to_owned(),
         reason: "it stopped before its checkpoint".into(),
         fix: format!("systemctl start {unit} and update again"),
     })?;
     let images = image_dir.join(unit);
-    if images.exists() {
+    if parent.is_none() && images.exists() {
         std::fs::remove_dir_all(&images)
             .map_err(io(format!("removing old images {}", images.display())))?;
     }
@@ -257,14 +319,19 @@ fn dump_unit(unit: &str, image_dir: &Path) -> Result<UnitImage, UpdateError> {
         systemd::NO_RESTART_DROPIN,
     )?;
     systemd::daemon_reload()?;
-    if let Err(e) =
-        criu::run_in_namespaces(pid, &criu::dump_args(pid, &images, &stdio), &images, unit)
-    {
+    let t = std::time::Instant::now();
+    if let Err(e) = criu::dump(pid, &images, &stdio, parent, unit) {
         // CRIU resumes the tree when a dump fails: the unit is still running as before.
         let _ = std::fs::remove_file(systemd::runtime_dropin(unit, NO_RESTART));
         let _ = systemd::daemon_reload();
         return Err(dump_err(e));
     }
+    tracing::info!(
+        unit,
+        seconds = t.elapsed().as_secs_f64(),
+        "kup: final dump of {unit} in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     Ok(UnitImage {
         unit: unit.to_owned(),
         main_pid: pid,

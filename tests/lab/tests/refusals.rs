@@ -110,11 +110,22 @@ fn failures_before_the_switch_leave_services_running_with_their_data() {
             undo: "rm /etc/kup/kup.d/90-tiny.toml && umount /mnt/tiny",
         },
         Case {
+            name: "a unit in a user namespace (Debian's redis-server.service, PrivateUsers=yes)",
+            setup: "mkdir -p /etc/kup/kup.d && printf '[[unit]]\\nname = \"redis-server.service\"\\n' > /etc/kup/kup.d/50-redis.toml",
+            cmd: &format!("kupctl update --kernel {NEW}"),
+            expect: &[
+                "redis-server.service cannot be checkpointed",
+                "user namespace",
+                "CAP_CHECKPOINT_RESTORE",
+            ],
+            undo: "rm /etc/kup/kup.d/50-redis.toml",
+        },
+        Case {
             name: "another update is running",
-            setup: "mkdir -p /run/kup && (flock /run/kup/update.lock sleep 120 >/dev/null 2>&1 &) && sleep 1",
+            setup: "mkdir -p /run/kup && (flock -o /run/kup/update.lock sleep 120 >/dev/null 2>&1 &) && sleep 1",
             cmd: &format!("kupctl update --kernel {NEW}"),
             expect: &["another update is running"],
-            undo: "pkill -x sleep -P 1 || true; fuser -k /run/kup/update.lock || true",
+            undo: "pkill -x flock; true",
         },
         Case {
             name: "a user polkit does not grant org.kup.update",

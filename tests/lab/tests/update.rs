@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::{Lab, MAJOR, NEW, OLD, free_port, memcached, up_line};
 
-/// Marked units of these tests.
-const CONFIG: &str = "[[unit]]\nname = \"memcached.service\"\n";
+/// Marked units of these tests, with pre-copy on (the final dump writes only what changed since).
+const CONFIG: &str = "[update]\nprecopy_rounds = 3\n\n[[unit]]\nname = \"memcached.service\"\n";
 /// Keys loaded into memcached: ~280 MB of values of 100..5000 bytes.
 const KEYS: u32 = 110_000;
 
@@ -121,6 +121,13 @@ fn update(lab: &Lab, port: u16, cmd: &str, kernel: &str) {
         code == 0 || code == 255,
         "{cmd} failed with {code}:\n{out}\n{err}"
     );
+    if !cmd.starts_with("systemctl") {
+        let shown = format!("{out}{err}");
+        assert!(
+            shown.contains("pre-copy"),
+            "kupctl showed no pre-copy phase:\n{shown}"
+        );
+    }
     let waited = lab.ok(&["wait", "--timeout", "400"]);
     let switch = t0.elapsed();
     let (k, boot) = up_line(&waited);
