@@ -197,7 +197,9 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
     // below then write only what changed since.
     let mut parents = Vec::new();
     for (i, unit) in plan.units.iter().enumerate() {
-        progress("pre-copy", 5 + 30 * i as u32 / n);
+        if plan.precopy_rounds > 0 {
+            progress("pre-copy", 5 + 30 * i as u32 / n);
+        }
         parents.push(precopy(unit, &plan.image_dir, plan.precopy_rounds));
     }
     for (i, unit) in plan.units.iter().enumerate() {

@@ -102,6 +102,19 @@ fn check_restored(lab: &Lab, port: u16, kernel: &str, pid_before: &str) {
         lab.exec("systemctl show -p Restart --value memcached"),
         "always"
     );
+    // kupctl tells the administrator what happened and what it can do next.
+    let status = lab.exec("kupctl status --json");
+    assert!(
+        status.contains(&format!("\"running_kernel\": \"{kernel}\"")),
+        "{status}"
+    );
+    assert!(
+        !status.contains("\"restored_handoff\": null"),
+        "the restored handoff is reported: {status}"
+    );
+    let units = lab.exec("kupctl units --json");
+    assert!(units.contains("\"name\": \"memcached.service\""), "{units}");
+    assert!(units.contains("\"checkpointable\": true"), "{units}");
 }
 
 /// Runs one update with `cmd` in the guest and waits for the new kernel; returns (switch, outage).
