@@ -5,22 +5,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{Lab, NEW, OLD, free_port, up_line};
-
-/// Asks memcached on the host port for its version: a check from outside the guest.
-fn memcached_version(port: u16) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"version\r\n")?;
-    let mut buf = [0u8; 128];
-    let n = s.read(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
-}
+use common::{Lab, NEW, OLD, free_port, memcached, up_line};
 
 #[test]
 #[ignore = "lab: boots QEMU guests; run through tests/run"]
@@ -38,7 +27,10 @@ fn kexec_switches_to_the_new_kernel_and_services_answer() {
     assert_eq!(kernel, OLD);
     assert_eq!(lab.exec("uname -r"), OLD);
     assert_eq!(lab.exec("systemctl is-active memcached"), "active");
-    assert!(memcached_version(port).unwrap().starts_with("VERSION "));
+    assert!(
+        memcached::answers(port),
+        "memcached answers on the host port"
+    );
 
     let t0 = Instant::now();
     lab.exec(&format!(
@@ -52,7 +44,7 @@ fn kexec_switches_to_the_new_kernel_and_services_answer() {
     assert_eq!(lab.exec("uname -r"), NEW);
     assert_eq!(lab.exec("cat /proc/sys/kernel/random/boot_id"), boot2);
     assert!(
-        memcached_version(port).unwrap().starts_with("VERSION "),
+        memcached::answers(port),
         "memcached answers on the new kernel"
     );
     eprintln!(

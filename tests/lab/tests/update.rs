@@ -155,6 +155,12 @@ fn update(lab: &Lab, port: u16, cmd: &str, kernel: &str) {
         switch.as_secs_f64(),
         outage.map(|d| d.as_secs_f64()).unwrap_or(f64::NAN)
     );
+    // Where the time went, as kupd logged it on the kernel it left and kup-restore on the new one.
+    eprintln!(
+        "{}",
+        lab.exec("journalctl -b -1 -u kupd -o cat --no-pager | grep 'kup: ' || true")
+    );
+    eprintln!("{}", lab.exec("journalctl -b -u memcached -o short-monotonic --no-pager | grep -E 'Starting|restored as' || true"));
     check_restored(lab, port, kernel, &pid);
 }
 
