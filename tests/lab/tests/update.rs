@@ -209,6 +209,19 @@ fn updates_forward_to_a_point_release_and_a_major_release_then_back_down() {
     );
     // 2. systemctl start kup-update: the newest installed kernel, a major release.
     update(&lab, port, "systemctl start kup-update", MAJOR);
-    // 3. Back down to the older kernel, by root: as ordinary as going forward.
-    update(&lab, port, &format!("kupctl update --kernel {NEW}"), NEW);
+    // 3. Back down to the older kernel, by root, with an extra kernel argument: as ordinary as
+    //    going forward.
+    update(
+        &lab,
+        port,
+        &format!("kupctl update --kernel {NEW} --append kup.test=back-down"),
+        NEW,
+    );
+    let cmdline = lab.exec("cat /proc/cmdline");
+    assert!(cmdline.contains(" kup.test=back-down"), "{cmdline}");
+    assert_eq!(
+        cmdline.matches("kup.handoff=").count(),
+        1,
+        "one handoff id on the command line: {cmdline}"
+    );
 }
