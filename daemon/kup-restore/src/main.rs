@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let name = Path::new(&args[0])
+    let name = Path::new(args.first().map(String::as_str).unwrap_or_default())
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default();
