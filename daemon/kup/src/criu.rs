@@ -171,6 +171,8 @@ pub fn request(
     o.set_log_file(format!("{}.log", action.name()));
     o.set_log_level(4);
     o.set_tcp_established(true);
+    // Established connections are locked with nftables (the `nft` ruleset), never iptables.
+    o.set_network_lock(rpc::Criu_network_lock_method::NFTABLES);
     o.set_file_locks(true);
     let mut req = rpc::Criu_req::new();
     if let Some(p) = parent {
