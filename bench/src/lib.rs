@@ -7,6 +7,7 @@
 //! update, [`LoadHandle::stop`] -> [`Timeline`] -> [`Variant`] -> [`Table::new`], [`plot::plot`].
 //! Definitions of every measure: [`timeline`].
 
+pub mod lab;
 pub mod load;
 pub mod memcached;
 pub mod plot;

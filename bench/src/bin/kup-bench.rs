@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use kup_bench::lab::{LabBench, Scenario};
 use kup_bench::report::human_bytes;
 use kup_bench::{Analysis, Kind, Load, LoadConfig, Mode, Table, Variant};
 
@@ -77,6 +78,33 @@ enum Cmd {
         /// A mark at a time of the run, e.g. `--mark 5=update-start` (repeatable).
         #[arg(long = "mark", value_parser = parse_mark)]
         marks: Vec<(f64, String)>,
+    },
+    /// The benchmark in the lab: for each working set, a fresh guest per scenario (plain kexec,
+    /// naive kup, kup with everything on), the load from the host across the kernel switch; then the
+    /// report of `report` over every run.
+    Lab {
+        /// Working sets in MiB.
+        #[arg(long, value_delimiter = ',', default_values_t = [256u64, 1024, 2200])]
+        ws: Vec<u64>,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 4096)]
+        mem: u32,
+        #[arg(long, default_value = "6.12.107+deb13-cloud-amd64")]
+        old: String,
+        #[arg(long, default_value = "6.12.117+deb13-cloud-amd64")]
+        new: String,
+        /// Load seconds before the update (baseline) and after the guest is back at multi-user.
+        #[arg(long, default_value_t = 8)]
+        before: u64,
+        #[arg(long, default_value_t = 30)]
+        after: u64,
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// Scenarios to run, in this order.
+        #[arg(long, value_delimiter = ',', default_values_t = ["switch".to_string(), "naive".to_string(), "kup".to_string()])]
+        scenarios: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Reads the runs (*.json variants) in the IN directories, writes OUT/table.md,
     /// OUT/table.json and one throughput plot per working set.
@@ -171,42 +199,102 @@ fn main() -> anyhow::Result<()> {
                 path.display()
             );
         }
+        Cmd::Lab {
+            ws,
+            mem,
+            old,
+            new,
+            before,
+            after,
+            threads,
+            scenarios,
+            out,
+        } => {
+            let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let bench = LabBench {
+                lab_bin: repo.join("target/release/kup-lab"),
+                repo,
+                run_dir: std::env::temp_dir().join(format!("kup-bench-{}", std::process::id())),
+                mem_mib: mem,
+                old,
+                new,
+                before: Duration::from_secs(before),
+                after: Duration::from_secs(after),
+                threads,
+            };
+            let scenarios = scenarios
+                .iter()
+                .map(|s| match s.as_str() {
+                    "switch" => Ok(Scenario::Switch),
+                    "naive" => Ok(Scenario::Naive),
+                    "kup" => Ok(Scenario::Kup),
+                    other => bail!("unknown scenario {other:?}; use switch, naive or kup"),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let runs = out.join("runs");
+            std::fs::create_dir_all(&runs)
+                .with_context(|| format!("creating {}", runs.display()))?;
+            for mib in &ws {
+                for &sc in &scenarios {
+                    let t = Instant::now();
+                    eprintln!("bench: {mib} MiB, {}", sc.name());
+                    let v = bench
+                        .run(sc, mib << 20)
+                        .with_context(|| format!("{} at {mib} MiB", sc.name()))?;
+                    let tag = format!("{mib:05}MiB-{:?}", sc.kind()).to_lowercase();
+                    v.save(&runs.join(format!("{tag}.json")))?;
+                    let m = Analysis::default().metrics(&v.timeline);
+                    eprintln!(
+                        "bench: {mib} MiB, {}: downtime {:.2} s, wrong {}, run took {:.0} s",
+                        sc.name(),
+                        m.downtime_s,
+                        m.wrong,
+                        t.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            report(&[runs], &out, "update-start".into())?;
+        }
         Cmd::Report {
             inputs,
             out,
             update_mark,
-        } => {
-            let variants = read_variants(&inputs)?;
-            if variants.is_empty() {
-                bail!("no runs (*.json variants) in {inputs:?}");
-            }
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let analysis = Analysis {
-                update_mark,
-                ..Analysis::default()
-            };
-            let table = Table::new(&variants, &analysis);
-            table.write(&out)?;
-            let mut sizes: Vec<u64> = variants.iter().map(|v| v.working_set_bytes).collect();
-            sizes.sort_unstable();
-            sizes.dedup();
-            for ws in sizes {
-                let these: Vec<Variant> = variants
-                    .iter()
-                    .filter(|v| v.working_set_bytes == ws)
-                    .cloned()
-                    .collect();
-                let png = out.join(format!("throughput-{ws}.png"));
-                let title = format!(
-                    "memcached throughput across the update, working set {}",
-                    human_bytes(ws)
-                );
-                kup_bench::plot(&png, &title, &these)?;
-                println!("{}", png.display());
-            }
-            print!("{}", table.markdown());
-        }
+        } => report(&inputs, &out, update_mark)?,
     }
+    Ok(())
+}
+
+/// Writes OUT/table.md, OUT/table.json and one plot per working set from the runs in `inputs`.
+fn report(inputs: &[PathBuf], out: &Path, update_mark: String) -> anyhow::Result<()> {
+    let variants = read_variants(inputs)?;
+    if variants.is_empty() {
+        bail!("no runs (*.json variants) in {inputs:?}");
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let analysis = Analysis {
+        update_mark,
+        ..Analysis::default()
+    };
+    let table = Table::new(&variants, &analysis);
+    table.write(out)?;
+    let mut sizes: Vec<u64> = variants.iter().map(|v| v.working_set_bytes).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    for ws in sizes {
+        let these: Vec<Variant> = variants
+            .iter()
+            .filter(|v| v.working_set_bytes == ws)
+            .cloned()
+            .collect();
+        let png = out.join(format!("throughput-{ws}.png"));
+        let title = format!(
+            "memcached throughput across the update, working set {}",
+            human_bytes(ws)
+        );
+        kup_bench::plot(&png, &title, &these)?;
+        println!("{}", png.display());
+    }
+    print!("{}", table.markdown());
     Ok(())
 }
 

@@ -27,6 +27,19 @@ fn main() -> Result<()> {
         }
         Some("holder") => kup::restore::spawn_holder().context("starting the restore holder")?,
         Some("hold") => kup::restore::hold(),
+        Some("lazy") => {
+            let unit = args.get(2).context("usage: kup-restore lazy UNIT")?;
+            // stdout was the pipe to `exec`, gone by now: the journal gets the result on stderr.
+            eprintln!(
+                "kup: {}",
+                kup::restore::serve_lazy(unit)
+                    .with_context(|| format!("serving {unit}'s memory"))?
+            );
+        }
+        Some("netlock") => {
+            let n = kup::restore::netlock().context("locking the kept TCP connections")?;
+            println!("kup: {n} established TCP connection(s) held until their units are restored");
+        }
         Some("finish") => println!(
             "kup: {}",
             kup::restore::finish().context("finishing the handoff")?
@@ -37,7 +50,9 @@ fn main() -> Result<()> {
                 .context("usage: kup-restore generator NORMAL EARLY LATE")?;
             kup::restore::generate(Path::new(early))?;
         }
-        _ => bail!("usage: kup-restore exec UNIT | holder | finish | generator NORMAL EARLY LATE"),
+        _ => bail!(
+            "usage: kup-restore exec UNIT | holder | lazy UNIT | netlock | finish | generator NORMAL EARLY LATE"
+        ),
     }
     Ok(())
 }

@@ -13,6 +13,7 @@
 //! image_dir = "/var/lib/kup/images"
 //! extra_cmdline = ""                      # appended to the new kernel's command line
 //! precopy_rounds = 0                      # 0..=16
+//! restore = "eager"                       # or "lazy": resume first, pages arrive on demand
 //!
 //! [[unit]]
 //! name = "memcached.service"
@@ -172,6 +173,18 @@ impl std::str::FromStr for Backend {
     }
 }
 
+/// How the next kernel brings a unit's memory back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestoreMode {
+    /// Every page is read back before the unit resumes (the unit never waits on a page later).
+    #[default]
+    Eager,
+    /// The unit resumes at once; its pages arrive on first touch (userfaultfd, CRIU lazy-pages)
+    /// and in the background until all are in. The images stay until then.
+    Lazy,
+}
+
 /// The validated `[update]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpdateSettings {
@@ -183,6 +196,7 @@ pub struct UpdateSettings {
     pub extra_cmdline: String,
     /// CRIU pre-dump rounds before the final dump, `0..=16`.
     pub precopy_rounds: u8,
+    pub restore: RestoreMode,
 }
 
 impl Default for UpdateSettings {
@@ -193,6 +207,7 @@ impl Default for UpdateSettings {
             image_dir: PathBuf::from(DEFAULT_IMAGE_DIR),
             extra_cmdline: String::new(),
             precopy_rounds: 0,
+            restore: RestoreMode::Eager,
         }
     }
 }
@@ -242,6 +257,8 @@ pub struct UpdateFragment {
     pub extra_cmdline: Option<String>,
     #[serde(default, deserialize_with = "de_precopy_rounds")]
     pub precopy_rounds: Option<u8>,
+    #[serde(default, deserialize_with = "de_restore")]
+    pub restore: Option<RestoreMode>,
 }
 
 /// Parses one file's text. `path` is only used in error messages.
@@ -290,6 +307,9 @@ impl Settings {
         }
         if let Some(rounds) = u.precopy_rounds {
             self.update.precopy_rounds = rounds;
+        }
+        if let Some(mode) = u.restore {
+            self.update.restore = mode;
         }
         for unit in fragment.units {
             match self.units.iter_mut().find(|u| u.name == unit.name) {
@@ -446,6 +466,16 @@ fn de_precopy_rounds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u8>, D::E
     }
 }
 
+fn de_restore<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RestoreMode>, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "eager" => Ok(Some(RestoreMode::Eager)),
+        "lazy" => Ok(Some(RestoreMode::Lazy)),
+        other => Err(serde::de::Error::custom(format!(
+            "restore = {other:?} is not a restore mode; write \"eager\" or \"lazy\""
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,6 +501,7 @@ backend = "disk"
 image_dir = "/srv/kup"
 extra_cmdline = "quiet"
 precopy_rounds = 3
+restore = "lazy"
 
 [[unit]]
 name = "memcached.service"
@@ -487,6 +518,7 @@ name = "redis-server.service"
         assert_eq!(s.update.image_dir, PathBuf::from("/srv/kup"));
         assert_eq!(s.update.extra_cmdline, "quiet");
         assert_eq!(s.update.precopy_rounds, 3);
+        assert_eq!(s.update.restore, RestoreMode::Lazy);
         assert_eq!(s.units.len(), 2);
         assert_eq!(
             s.unit("memcached.service").unwrap().health.as_deref(),
@@ -651,6 +683,7 @@ name = "redis-server.service"
     fn bad_values() {
         let cases = [
             ("precopy_rounds = 17", "out of range"),
+            ("restore = \"sometimes\"", "write \"eager\" or \"lazy\""),
             ("precopy_rounds = -1", "out of range"),
             ("image_dir = \"var/lib\"", "not an absolute path"),
             ("kernel = \"../x\"", "not a kernel version"),

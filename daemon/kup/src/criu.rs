@@ -145,6 +145,8 @@ pub enum Action {
     PreDump,
     Dump,
     Restore,
+    /// Restore with the memory left out: a `criu lazy-pages` daemon serves it (see [`lazy_pages`]).
+    LazyRestore,
 }
 
 impl Action {
@@ -152,7 +154,7 @@ impl Action {
         match self {
             Action::PreDump => "pre-dump",
             Action::Dump => "dump",
-            Action::Restore => "restore",
+            Action::Restore | Action::LazyRestore => "restore",
         }
     }
 }
@@ -189,10 +191,13 @@ pub fn request(
             o.set_pid(pid);
             // A client connecting right now (not accepted yet) is reset and retries, as at any restart.
             o.set_tcp_skip_in_flight(true);
+            // CRIU reports its steps; at "post-dump" the tree is frozen and dumped, not yet gone.
+            o.set_notify_scripts(true);
             o.external = stdio.external.clone();
             req.set_type(rpc::Criu_req_type::DUMP);
         }
-        Action::Restore => {
+        Action::Restore | Action::LazyRestore => {
+            o.set_lazy_pages(action == Action::LazyRestore);
             // The restoring process is already in the unit's cgroup; its children stay there.
             o.set_manage_cgroups_mode(rpc::Criu_cg_mode::IGNORE);
             o.inherit_fd = stdio
@@ -223,158 +228,258 @@ pub fn pre_dump(
     parent: Option<&str>,
     what: &str,
 ) -> Result<(), CriuError> {
-    swrk(
-        pid,
-        Action::PreDump,
+    Call {
+        ns_pid: pid,
+        action: Action::PreDump,
         pid,
         images,
-        &Stdio::default(),
+        stdio: &Stdio::default(),
         parent,
         what,
-    )
+    }
+    .run(&mut |_| {})
     .map(|_| ())
 }
 
 /// Dumps the tree at `pid` into `images` (only the pages changed since `parent`, when given),
-/// running CRIU inside the tree's mount and UTS namespaces. The tree is gone afterwards.
+/// running CRIU inside the tree's mount and UTS namespaces. The tree is gone afterwards;
+/// `post_dump` runs while it is dumped but still there, frozen.
 pub fn dump(
     pid: i32,
     images: &Path,
     stdio: &Stdio,
     parent: Option<&str>,
     what: &str,
+    post_dump: &mut dyn FnMut(),
 ) -> Result<(), CriuError> {
-    swrk(pid, Action::Dump, pid, images, stdio, parent, what).map(|_| ())
+    let mut on_notify = |step: &str| {
+        if step == "post-dump" {
+            post_dump();
+        }
+    };
+    Call {
+        ns_pid: pid,
+        action: Action::Dump,
+        pid,
+        images,
+        stdio,
+        parent,
+        what,
+    }
+    .run(&mut on_notify)
+    .map(|_| ())
 }
 
 /// Restores the images inside the mount and UTS namespaces of `ns_pid`, handing CRIU the
-/// descriptors of `inherit` (this process's own); returns the restored root PID.
+/// descriptors of `inherit` (this process's own); returns the restored root PID. With `lazy`, the
+/// memory is left to the [`lazy_pages`] daemon already listening in `images`.
 pub fn restore(
     ns_pid: i32,
     images: &Path,
     inherit: &[InheritFd],
+    lazy: bool,
     what: &str,
 ) -> Result<i32, CriuError> {
     let stdio = Stdio {
         external: Vec::new(),
         inherit: inherit.to_vec(),
     };
-    let resp = swrk(ns_pid, Action::Restore, 0, images, &stdio, None, what)?;
+    let action = if lazy {
+        Action::LazyRestore
+    } else {
+        Action::Restore
+    };
+    let resp = Call {
+        ns_pid,
+        action,
+        pid: 0,
+        images,
+        stdio: &stdio,
+        parent: None,
+        what,
+    }
+    .run(&mut |_| {})?;
     Ok(resp.restore.pid())
 }
 
-/// Runs one RPC with `criu swrk` started inside the mount and UTS namespaces of `ns_pid`.
+/// The socket a lazy-pages daemon listens on, in its image directory (CRIU's fixed name).
+pub const LAZY_PAGES_SOCKET: &str = "lazy-pages.socket";
+
+/// Starts `criu lazy-pages` on `images` and returns once it listens: it serves the restored tree's
+/// page faults and pushes the rest of the memory in the background, then exits (status 0 when every
+/// page went in). It logs to `images/lazy-pages.log`.
+pub fn lazy_pages(images: &Path, what: &str) -> Result<std::process::Child, CriuError> {
+    let socket = images.join(LAZY_PAGES_SOCKET);
+    let _ = std::fs::remove_file(&socket);
+    let mut child = Command::new(CRIU)
+        .arg("lazy-pages")
+        .arg("--images-dir")
+        .arg(images)
+        .args(["--log-file", "lazy-pages.log", "-v4"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|source| CriuError::Spawn {
+            program: CRIU.into(),
+            source,
+        })?;
+    let t0 = std::time::Instant::now();
+    while !socket.exists() {
+        if let Ok(Some(st)) = child.try_wait() {
+            let log = images.join("lazy-pages.log");
+            return Err(CriuError::Failed {
+                action: "lazy-pages",
+                what: what.to_owned(),
+                log: log.display().to_string(),
+                tail: format!("criu lazy-pages exited ({st})\n{}", log_errors(&log)),
+            });
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = child.kill();
+            return Err(CriuError::Failed {
+                action: "lazy-pages",
+                what: what.to_owned(),
+                log: images.join("lazy-pages.log").display().to_string(),
+                tail: format!("no {} after 10 s", socket.display()),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(child)
+}
+
+/// Runs one RPC with `criu swrk` started inside the mount and UTS namespaces of `ns_pid`; CRIU's
+/// step notifications go to `on_notify` (by step name) before they are acknowledged.
 ///
 /// CRIU's binary and the image directory are opened here, outside the unit's namespace: a sandbox with
 /// `NoExecPaths=` cannot exec /usr/sbin/criu, and one with `ProtectSystem=strict` sees /var/lib/kup
 /// read-only. CRIU execs the binary as an inherited descriptor and opens the directory through
 /// `/proc/<this process>/fd/N` (the RPC client's descriptor); it writes its log there.
-fn swrk(
+struct Call<'a> {
+    /// Whose mount and UTS namespaces CRIU runs in.
     ns_pid: i32,
     action: Action,
+    /// The tree's root (dump, pre-dump); 0 for a restore.
     pid: i32,
-    images: &Path,
-    stdio: &Stdio,
-    parent: Option<&str>,
-    what: &str,
-) -> Result<rpc::Criu_resp, CriuError> {
-    use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, recv, send, socketpair};
-    use protobuf::Message;
-    use std::os::fd::AsRawFd;
+    images: &'a Path,
+    stdio: &'a Stdio,
+    parent: Option<&'a str>,
+    /// The unit, for messages.
+    what: &'a str,
+}
 
-    let sys = |program: &str| {
-        let program = program.to_owned();
-        move |e: nix::Error| CriuError::Spawn {
-            program,
-            source: e.into(),
-        }
-    };
-    let open = |p: &Path| {
-        std::fs::File::open(p).map_err(|source| CriuError::Spawn {
-            program: p.display().to_string(),
-            source,
-        })
-    };
-    let criu = open(Path::new(CRIU))?;
-    let dir = open(images)?;
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(sys("socketpair"))?;
-    // These three must survive the exec into nsenter and then criu.
-    let inherit = || nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty());
-    nix::fcntl::fcntl(&criu, inherit()).map_err(sys("fcntl"))?;
-    nix::fcntl::fcntl(&dir, inherit()).map_err(sys("fcntl"))?;
-    nix::fcntl::fcntl(&theirs, inherit()).map_err(sys("fcntl"))?;
-    let dir_fd = dir.as_raw_fd();
-    let mut child = Command::new("nsenter")
-        .args([
-            "-t",
-            &ns_pid.to_string(),
-            "-m",
-            "-u",
-            "--",
-            &format!("/proc/self/fd/{}", criu.as_raw_fd()),
-        ])
-        .args(["swrk", &theirs.as_raw_fd().to_string()])
-        .stdin(std::process::Stdio::inherit())
-        .spawn()
-        .map_err(|source| CriuError::Spawn {
-            program: "nsenter".into(),
-            source,
-        })?;
-    // CRIU opens the image directory as /proc/<our pid>/fd/<dir_fd>: `dir` stays open until it answers.
-    drop((criu, theirs));
+impl Call<'_> {
+    fn run(&self, on_notify: &mut dyn FnMut(&str)) -> Result<rpc::Criu_resp, CriuError> {
+        let Call {
+            ns_pid,
+            action,
+            pid,
+            images,
+            stdio,
+            parent,
+            what,
+        } = *self;
+        use nix::sys::socket::{
+            AddressFamily, MsgFlags, SockFlag, SockType, recv, send, socketpair,
+        };
+        use protobuf::Message;
+        use std::os::fd::AsRawFd;
 
-    let fail = |reason: String| {
-        let log = images.join(format!("{}.log", action.name()));
-        CriuError::Failed {
-            action: action.name(),
-            what: what.to_owned(),
-            log: log.display().to_string(),
-            tail: format!("{reason}\n{}", log_errors(&log)),
+        let sys = |program: &str| {
+            let program = program.to_owned();
+            move |e: nix::Error| CriuError::Spawn {
+                program,
+                source: e.into(),
+            }
+        };
+        let open = |p: &Path| {
+            std::fs::File::open(p).map_err(|source| CriuError::Spawn {
+                program: p.display().to_string(),
+                source,
+            })
+        };
+        let criu = open(Path::new(CRIU))?;
+        let dir = open(images)?;
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(sys("socketpair"))?;
+        // These three must survive the exec into nsenter and then criu.
+        let inherit = || nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty());
+        nix::fcntl::fcntl(&criu, inherit()).map_err(sys("fcntl"))?;
+        nix::fcntl::fcntl(&dir, inherit()).map_err(sys("fcntl"))?;
+        nix::fcntl::fcntl(&theirs, inherit()).map_err(sys("fcntl"))?;
+        let dir_fd = dir.as_raw_fd();
+        let mut child = Command::new("nsenter")
+            .args([
+                "-t",
+                &ns_pid.to_string(),
+                "-m",
+                "-u",
+                "--",
+                &format!("/proc/self/fd/{}", criu.as_raw_fd()),
+            ])
+            .args(["swrk", &theirs.as_raw_fd().to_string()])
+            .stdin(std::process::Stdio::inherit())
+            .spawn()
+            .map_err(|source| CriuError::Spawn {
+                program: "nsenter".into(),
+                source,
+            })?;
+        // CRIU opens the image directory as /proc/<our pid>/fd/<dir_fd>: `dir` stays open until it answers.
+        drop((criu, theirs));
+
+        let fail = |reason: String| {
+            let log = images.join(format!("{}.log", action.name()));
+            CriuError::Failed {
+                action: action.name(),
+                what: what.to_owned(),
+                log: log.display().to_string(),
+                tail: format!("{reason}\n{}", log_errors(&log)),
+            }
+        };
+        let req = request(action, pid, dir_fd, stdio, parent);
+        let bytes = req
+            .write_to_bytes()
+            .map_err(|e| fail(format!("encoding the request: {e}")))?;
+        send(ours.as_raw_fd(), &bytes, MsgFlags::empty()).map_err(sys("send to criu"))?;
+        let mut buf = vec![0u8; 1 << 16];
+        let resp = loop {
+            let n = recv(ours.as_raw_fd(), &mut buf, MsgFlags::empty())
+                .map_err(sys("recv from criu"))?;
+            if n == 0 {
+                let _ = child.wait();
+                return Err(fail("criu exited without answering".into()));
+            }
+            let resp = rpc::Criu_resp::parse_from_bytes(&buf[..n])
+                .map_err(|e| fail(format!("unreadable answer: {e}")))?;
+            if resp.type_() == rpc::Criu_req_type::NOTIFY {
+                on_notify(resp.notify.script());
+                let mut ack = rpc::Criu_req::new();
+                ack.set_type(rpc::Criu_req_type::NOTIFY);
+                ack.set_notify_success(true);
+                let bytes = ack
+                    .write_to_bytes()
+                    .map_err(|e| fail(format!("encoding the notify answer: {e}")))?;
+                send(ours.as_raw_fd(), &bytes, MsgFlags::empty()).map_err(sys("send to criu"))?;
+                continue;
+            }
+            break resp;
+        };
+        drop((ours, dir));
+        let _ = child.wait();
+        if !resp.success() {
+            let errno = resp.cr_errno();
+            return Err(fail(format!(
+                "CRIU says: {} (errno {errno})",
+                resp.cr_errmsg()
+            )));
         }
-    };
-    let req = request(action, pid, dir_fd, stdio, parent);
-    let bytes = req
-        .write_to_bytes()
-        .map_err(|e| fail(format!("encoding the request: {e}")))?;
-    send(ours.as_raw_fd(), &bytes, MsgFlags::empty()).map_err(sys("send to criu"))?;
-    let mut buf = vec![0u8; 1 << 16];
-    let resp = loop {
-        let n =
-            recv(ours.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(sys("recv from criu"))?;
-        if n == 0 {
-            let _ = child.wait();
-            return Err(fail("criu exited without answering".into()));
-        }
-        let resp = rpc::Criu_resp::parse_from_bytes(&buf[..n])
-            .map_err(|e| fail(format!("unreadable answer: {e}")))?;
-        if resp.type_() == rpc::Criu_req_type::NOTIFY {
-            let mut ack = rpc::Criu_req::new();
-            ack.set_type(rpc::Criu_req_type::NOTIFY);
-            ack.set_notify_success(true);
-            let bytes = ack
-                .write_to_bytes()
-                .map_err(|e| fail(format!("encoding the notify answer: {e}")))?;
-            send(ours.as_raw_fd(), &bytes, MsgFlags::empty()).map_err(sys("send to criu"))?;
-            continue;
-        }
-        break resp;
-    };
-    drop((ours, dir));
-    let _ = child.wait();
-    if !resp.success() {
-        let errno = resp.cr_errno();
-        return Err(fail(format!(
-            "CRIU says: {} (errno {errno})",
-            resp.cr_errmsg()
-        )));
+        Ok(resp)
     }
-    Ok(resp)
 }
 
 /// The error lines of a CRIU log (its probe for tun support is not a reason for a failure).
@@ -455,8 +560,19 @@ mod tests {
         assert_eq!(d.opts.external, ["file[23:4]", "unix[7]"]);
         assert!(d.opts.tcp_established() && d.opts.tcp_skip_in_flight());
         assert_eq!(d.opts.log_file(), "dump.log");
+        assert!(d.opts.notify_scripts());
+        assert_eq!(
+            d.opts.network_lock(),
+            rpc::Criu_network_lock_method::NFTABLES
+        );
         let r = request(Action::Restore, 0, 9, &s, None);
         assert_eq!(r.type_(), rpc::Criu_req_type::RESTORE);
+        assert!(!r.opts.lazy_pages());
+        assert!(
+            request(Action::LazyRestore, 0, 9, &s, None)
+                .opts
+                .lazy_pages()
+        );
         let inherit: Vec<(i32, &str)> = r
             .opts
             .inherit_fd

@@ -5,9 +5,11 @@ pub mod config;
 pub mod criu;
 pub mod kexec;
 pub mod manifest;
+pub mod nft;
 pub mod restore;
 pub mod stage;
 pub mod systemd;
+pub mod tcp;
 pub mod update;
 
 /// An I/O failure with what kup was doing when it happened (shared by the stages' error types).

@@ -39,6 +39,9 @@ pub struct Manifest {
     pub backend: String,
     /// Directory holding the per-unit image directories.
     pub image_dir: String,
+    /// How the next kernel brings the memory back.
+    #[serde(default)]
+    pub restore: crate::config::RestoreMode,
     pub units: Vec<UnitImage>,
 }
 
@@ -59,6 +62,9 @@ pub struct UnitImage {
     /// Descriptors the restoring process hands to CRIU with `--inherit-fd`.
     #[serde(default)]
     pub inherit: Vec<InheritFd>,
+    /// Established TCP connections at dump time: locked on the next kernel until the restore.
+    #[serde(default)]
+    pub tcp: Vec<crate::tcp::TcpConn>,
     pub state: UnitState,
 }
 
@@ -271,6 +277,7 @@ mod tests {
             cmdline_old: "BOOT_IMAGE=/vmlinuz root=/dev/vda1 ro".to_string(),
             backend: "disk".to_string(),
             image_dir: "/var/lib/kup/images/1767225600-3f9a2c1b".to_string(),
+            restore: crate::config::RestoreMode::Lazy,
             units: vec![
                 UnitImage {
                     unit: "memcached.service".to_string(),
@@ -282,6 +289,10 @@ mod tests {
                         fd: 1,
                         key: "socket:[12345]".to_string(),
                     }],
+                    tcp: vec![crate::tcp::TcpConn {
+                        local: "10.0.2.15:11211".parse().unwrap(),
+                        remote: "10.0.2.2:40000".parse().unwrap(),
+                    }],
                     state: UnitState::Dumped,
                 },
                 UnitImage {
@@ -291,6 +302,7 @@ mod tests {
                     images: "/x".to_string(),
                     external: vec![],
                     inherit: vec![],
+                    tcp: vec![],
                     state: UnitState::Failed("criu said no".to_string()),
                 },
             ],

@@ -6,9 +6,10 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::config::RestoreMode;
 use crate::manifest::{self, UnitState};
 use crate::update::{HANDOFF_DIR, NO_RESTART, RUN_DIR};
-use crate::{criu, systemd};
+use crate::{criu, nft, systemd};
 
 /// Where kup-restore is installed.
 pub const KUP_RESTORE: &str = "/usr/lib/kup/kup-restore";
@@ -40,6 +41,10 @@ pub enum RestoreError {
     Systemd(#[from] systemd::SystemdError),
     #[error("telling systemd the restored main PID failed: {0}")]
     Notify(String),
+    #[error(transparent)]
+    Nft(#[from] crate::nft::NftError),
+    #[error("lazy restore: {0}")]
+    Lazy(String),
     #[error(transparent)]
     Io(#[from] crate::IoError),
 }
@@ -85,11 +90,13 @@ pub fn generate(early_dir: &Path) -> Result<usize, RestoreError> {
         "kup-restore.target",
         "/usr/lib/systemd/system/kup-restore.target",
     )?;
-    link(
-        "kup-restore.target.wants",
-        "kup-restore-finish.service",
-        "/usr/lib/systemd/system/kup-restore-finish.service",
-    )?;
+    for unit in ["kup-restore-finish.service", "kup-netlock.service"] {
+        link(
+            "kup-restore.target.wants",
+            unit,
+            &format!("/usr/lib/systemd/system/{unit}"),
+        )?;
+    }
     Ok(n)
 }
 
@@ -113,7 +120,13 @@ pub fn exec(unit: &str) -> Result<i32, RestoreError> {
         }
     }
     let images = PathBuf::from(&u.images);
-    let pid = criu::restore(holder, &images, &u.inherit, unit)?;
+    let lazy = m.restore == RestoreMode::Lazy;
+    if lazy {
+        start_lazy_pages(unit)?;
+    }
+    let pid = criu::restore(holder, &images, &u.inherit, lazy, unit)?;
+    // CRIU has turned the connections' repair mode off: they may talk again.
+    nft::unlock(unit);
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(holder),
         nix::sys::signal::Signal::SIGKILL,
@@ -132,6 +145,88 @@ pub fn exec(unit: &str) -> Result<i32, RestoreError> {
     }
     manifest::write_atomic(Path::new(HANDOFF_DIR), &m)?;
     Ok(pid)
+}
+
+/// Starts `kup-restore lazy UNIT` beside us and returns once its CRIU lazy-pages daemon listens.
+fn start_lazy_pages(unit: &str) -> Result<(), RestoreError> {
+    use std::io::BufRead as _;
+    let me = std::env::current_exe().map_err(io("finding kup-restore"))?;
+    let mut child = std::process::Command::new(me)
+        .args(["lazy", unit])
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(io("starting the lazy-pages server"))?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .map_err(io("waiting for the lazy-pages server"))?;
+    }
+    if line.trim() != LAZY_READY {
+        let status = child.wait().map_err(io("waiting for kup-restore lazy"))?;
+        return Err(RestoreError::Lazy(format!(
+            "the lazy-pages server of {unit} did not start ({status}); see `journalctl -u {unit}`"
+        )));
+    }
+    Ok(())
+}
+
+/// What `kup-restore lazy` prints once its daemon listens.
+const LAZY_READY: &str = "listening";
+
+/// `kup-restore lazy UNIT`: runs CRIU's lazy-pages daemon for `unit`'s images until every page is
+/// in the restored processes, then releases the images. Started by `exec`, it lives in the unit's
+/// cgroup while it works; `kupctl status` and the journal say when a unit is complete.
+pub fn serve_lazy(unit: &str) -> Result<String, RestoreError> {
+    let m = manifest::read(Path::new(HANDOFF_DIR))
+        .or_else(|_| manifest::read(&Path::new(HANDOFF_DIR).with_file_name("handoff.done")))?;
+    let u = m
+        .unit(unit)
+        .ok_or_else(|| RestoreError::NotInManifest(unit.to_owned()))?;
+    let images = PathBuf::from(&u.images);
+    let mut daemon = criu::lazy_pages(&images, unit)?;
+    println!("{LAZY_READY}");
+    let t0 = Instant::now();
+    let status = daemon.wait().map_err(io("waiting for criu lazy-pages"))?;
+    let marker = Path::new(RUN_DIR).join("lazy").join(unit);
+    if let Some(d) = marker.parent() {
+        let _ = std::fs::create_dir_all(d);
+    }
+    if !status.success() {
+        let _ = std::fs::write(&marker, format!("failed: {status}\n"));
+        return Err(RestoreError::Lazy(format!(
+            "criu lazy-pages for {unit} ended with {status} after {:.1} s; its images stay in {} (log: lazy-pages.log there)",
+            t0.elapsed().as_secs_f64(),
+            images.display()
+        )));
+    }
+    let _ = std::fs::write(&marker, "complete\n");
+    // The handoff may still be pending (finish not run yet): it releases the images itself then.
+    if pending().is_none() {
+        release_images(unit, &images);
+    }
+    Ok(format!(
+        "{unit}: every page is back ({:.1} s after the restore began)",
+        t0.elapsed().as_secs_f64()
+    ))
+}
+
+/// `kup-restore netlock` (kup-netlock.service, before the network is configured on a handoff boot):
+/// the dumped units' established TCP connections are dropped, not reset, until each unit is back.
+pub fn netlock() -> Result<usize, RestoreError> {
+    let Some(id) = pending() else { return Ok(0) };
+    let m = manifest::read(Path::new(HANDOFF_DIR))?;
+    if m.id != id {
+        return Ok(0);
+    }
+    let mut n = 0;
+    for u in m.units.iter().filter(|u| u.state == UnitState::Dumped) {
+        nft::lock(&u.unit, &u.tcp)?;
+        n += u.tcp.len();
+    }
+    Ok(n)
 }
 
 /// `kup-restore holder` (the restoring drop-in's `ExecStartPre=`, sandboxed like the service): leaves
@@ -210,17 +305,46 @@ pub fn finish() -> Result<String, RestoreError> {
         .map(|u| u.unit.as_str())
         .collect();
     let _ = std::fs::remove_file(Path::new(RUN_DIR).join("pending"));
+    for u in &m.units {
+        nft::unlock(&u.unit);
+    }
     if !failed.is_empty() {
         std::fs::write(Path::new(RUN_DIR).join("failed"), failed.join("\n"))
             .map_err(io("recording failed units"))?;
         return Ok(format!("handoff {id}: not restored: {}", failed.join(", ")));
     }
     for u in &m.units {
-        let _ = std::fs::remove_dir_all(&u.images);
+        // A lazily restored unit's pages may still be coming from its images: its server releases
+        // them when it is done (or we do, when it already is).
+        let lazy_done = Path::new(RUN_DIR).join("lazy").join(&u.unit);
+        let serving = m.restore == RestoreMode::Lazy
+            && std::fs::read_to_string(&lazy_done).map_or(true, |s| s.trim() != "complete");
+        if !serving {
+            release_images(&u.unit, Path::new(&u.images));
+        }
     }
     let done = dir.with_file_name("handoff.done");
     let _ = std::fs::remove_dir_all(&done);
     std::fs::rename(dir, &done).map_err(io("retiring the handoff directory"))?;
     systemd::systemctl(&["daemon-reload", "--no-block"])?;
     Ok(format!("handoff {id}: {} unit(s) restored", m.units.len()))
+}
+
+/// Where CRIU's logs of the last handoff are kept, per unit, once the images are released.
+pub const LOG_DIR: &str = "/var/log/kup";
+
+/// Keeps CRIU's logs of `unit` (dump, restore, lazy-pages) in [`LOG_DIR`] and removes its images.
+fn release_images(unit: &str, images: &Path) {
+    let keep = Path::new(LOG_DIR).join(unit);
+    let _ = std::fs::remove_dir_all(&keep);
+    let _ = std::fs::create_dir_all(&keep);
+    if let Ok(entries) = std::fs::read_dir(images) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if name.to_string_lossy().ends_with(".log") {
+                let _ = std::fs::copy(e.path(), keep.join(&name));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(images);
 }

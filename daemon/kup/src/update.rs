@@ -73,6 +73,8 @@ pub struct Plan {
     pub image_dir: PathBuf,
     /// Pre-copy rounds before the final dump (0 = none).
     pub precopy_rounds: u8,
+    /// How the next kernel brings the memory back.
+    pub restore: crate::config::RestoreMode,
 }
 
 /// Stage + preflight: resolves the target and checks everything that can be checked while every
@@ -110,6 +112,7 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
         units: settings.units.iter().map(|u| u.name.clone()).collect(),
         image_dir: settings.update.image_dir.clone(),
         precopy_rounds: settings.update.precopy_rounds,
+        restore: settings.update.restore,
     })
 }
 
@@ -189,6 +192,7 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
             .to_owned(),
         backend: "disk".into(),
         image_dir: plan.image_dir.display().to_string(),
+        restore: plan.restore,
         units: Vec::new(),
     };
     manifest::write_atomic(handoff, &m)?;
@@ -322,7 +326,11 @@ fn dump_unit(unit: &str, image_dir: &Path, parent: Option<&str>) -> Result<UnitI
     )?;
     systemd::daemon_reload()?;
     let t = std::time::Instant::now();
-    if let Err(e) = criu::dump(pid, &images, &stdio, parent, unit) {
+    // Read while CRIU holds the tree frozen after its dump: exactly the connections in the images.
+    let mut tcp = Vec::new();
+    if let Err(e) = criu::dump(pid, &images, &stdio, parent, unit, &mut || {
+        tcp = crate::tcp::established(&pids)
+    }) {
         // CRIU resumes the tree when a dump fails: the unit is still running as before.
         let _ = std::fs::remove_file(systemd::runtime_dropin(unit, NO_RESTART));
         let _ = systemd::daemon_reload();
@@ -331,8 +339,10 @@ fn dump_unit(unit: &str, image_dir: &Path, parent: Option<&str>) -> Result<UnitI
     tracing::info!(
         unit,
         seconds = t.elapsed().as_secs_f64(),
-        "kup: final dump of {unit} in {:.1} s",
-        t.elapsed().as_secs_f64()
+        connections = tcp.len(),
+        "kup: final dump of {unit} in {:.1} s ({} established TCP connection(s) kept)",
+        t.elapsed().as_secs_f64(),
+        tcp.len()
     );
     Ok(UnitImage {
         unit: unit.to_owned(),
@@ -341,6 +351,7 @@ fn dump_unit(unit: &str, image_dir: &Path, parent: Option<&str>) -> Result<UnitI
         images: images.display().to_string(),
         external: stdio.external,
         inherit: stdio.inherit,
+        tcp,
         state: UnitState::Dumped,
     })
 }

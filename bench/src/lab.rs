@@ -1,0 +1,338 @@
+//! The benchmark in the lab: for each working set and scenario, a fresh guest whose memcached holds
+//! the working set, the load running from the host through the forwarded port, and one kernel switch
+//! (plain `systemctl kexec`, kup without its downtime features, kup with all of them). Each run is
+//! saved as a [`Variant`] with the guest's own stage timings as extra fields.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::{Kind, Load, LoadConfig, Mode, Variant};
+
+/// Why a lab run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("cannot run {what}: {source}")]
+    Spawn {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{what}` failed: {output}")]
+    Failed { what: String, output: String },
+    #[error(transparent)]
+    Bench(#[from] crate::Error),
+}
+
+/// What is switched and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// `systemctl kexec` with nothing checkpointed: memcached comes back empty (D_switch and, as
+    /// the cache refills, D_cold).
+    Switch,
+    /// kup with a full CRIU dump to disk and a full restore: no pre-copy, no lazy restore.
+    Naive,
+    /// kup with everything on: pre-copy, lazy restore, kept TCP connections.
+    Kup,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 3] = [Scenario::Switch, Scenario::Naive, Scenario::Kup];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Switch => "switch (cold restart, data lost)",
+            Scenario::Naive => "naive (full dump + full restore)",
+            Scenario::Kup => "kup (pre-copy + lazy restore)",
+        }
+    }
+
+    pub fn kind(self) -> Kind {
+        match self {
+            Scenario::Switch => Kind::Switch,
+            Scenario::Naive => Kind::Naive,
+            Scenario::Kup => Kind::Kup,
+        }
+    }
+
+    /// The guest's /etc/kup/kup.toml.
+    pub fn config(self) -> &'static str {
+        match self {
+            Scenario::Switch => "",
+            Scenario::Naive => {
+                "[update]\nprecopy_rounds = 0\nrestore = \"eager\"\n\n[[unit]]\nname = \"memcached.service\"\n"
+            }
+            Scenario::Kup => {
+                "[update]\nprecopy_rounds = 3\nrestore = \"lazy\"\n\n[[unit]]\nname = \"memcached.service\"\n"
+            }
+        }
+    }
+}
+
+/// Where and how the runs happen.
+#[derive(Debug, Clone)]
+pub struct LabBench {
+    /// The kup repository (its packaging/install-tree and the lab's payload hook).
+    pub repo: PathBuf,
+    /// The `kup-lab` binary.
+    pub lab_bin: PathBuf,
+    /// `KUP_LAB_RUN_DIR` of the benchmark's guest.
+    pub run_dir: PathBuf,
+    /// Guest memory, MiB.
+    pub mem_mib: u32,
+    /// Kernel the guest boots, and the one it switches to.
+    pub old: String,
+    pub new: String,
+    /// Load seconds before the update (the baseline) and after the guest is back.
+    pub before: Duration,
+    pub after: Duration,
+    /// Load threads.
+    pub threads: usize,
+}
+
+/// Average bytes of a value of the key scheme (100..5000, uniform).
+const AVG_VALUE: u64 = 2550;
+
+/// The number of keys whose values add up to about `bytes`.
+pub fn keys_for(bytes: u64) -> u32 {
+    u32::try_from(bytes / AVG_VALUE).unwrap_or(u32::MAX).max(1)
+}
+
+impl LabBench {
+    fn lab(&self, args: &[&str]) -> Result<String, LabError> {
+        let what = format!("kup-lab {}", args.join(" "));
+        let out = Command::new(&self.lab_bin)
+            .args(args)
+            .env("KUP_LAB_RUN_DIR", &self.run_dir)
+            .output()
+            .map_err(|source| LabError::Spawn {
+                what: what.clone(),
+                source,
+            })?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            return Err(LabError::Failed {
+                what,
+                output: format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)),
+            });
+        }
+        Ok(stdout)
+    }
+
+    fn exec(&self, cmd: &str) -> Result<String, LabError> {
+        self.lab(&["exec", "--", cmd]).map(|s| s.trim().to_owned())
+    }
+
+    /// kup's install tree with the lab's payload hook and `config` as /etc/kup/kup.toml.
+    fn tree(&self, config: &str) -> Result<PathBuf, LabError> {
+        let tree = self.run_dir.with_extension("tree");
+        let st = Command::new(self.repo.join("packaging/install-tree"))
+            .arg(&tree)
+            .status()
+            .map_err(|source| LabError::Spawn {
+                what: "packaging/install-tree".into(),
+                source,
+            })?;
+        if !st.success() {
+            return Err(LabError::Failed {
+                what: "packaging/install-tree".into(),
+                output: "build the workspace first: cargo build --release --workspace".into(),
+            });
+        }
+        let file = |p: &Path, text: &[u8]| {
+            std::fs::create_dir_all(p.parent().unwrap_or(Path::new("/")))
+                .and_then(|()| std::fs::write(p, text))
+                .map_err(|source| crate::Error::File {
+                    path: p.to_owned(),
+                    source,
+                })
+        };
+        let hook = std::fs::read(self.repo.join("tests/lab/payload/payload-install")).map_err(
+            |source| crate::Error::File {
+                path: self.repo.join("tests/lab/payload/payload-install"),
+                source,
+            },
+        )?;
+        let hook_path = tree.join("usr/lib/kup-lab/payload-install");
+        file(&hook_path, &hook)?;
+        std::fs::set_permissions(
+            &hook_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .map_err(|source| crate::Error::File {
+            path: hook_path.clone(),
+            source,
+        })?;
+        file(&tree.join("etc/kup/kup.toml"), config.as_bytes())?;
+        Ok(tree)
+    }
+
+    /// One run: a fresh guest, `ws` bytes in memcached, the load, the switch, the load again.
+    pub fn run(&self, scenario: Scenario, ws: u64) -> Result<Variant, LabError> {
+        let port = free_port()?;
+        let tree = self.tree(scenario.config())?;
+        let _ = self.lab(&["stop"]);
+        self.lab(&[
+            "start",
+            "--kernel",
+            &self.old,
+            "--mem",
+            &self.mem_mib.to_string(),
+            "--forward",
+            &format!("{port}:11211"),
+            "--payload-tree",
+            &tree.display().to_string(),
+        ])?;
+        let result = self.run_in_guest(scenario, ws, port);
+        let _ = self.lab(&["stop"]);
+        result
+    }
+
+    fn run_in_guest(&self, scenario: Scenario, ws: u64, port: u16) -> Result<Variant, LabError> {
+        // Room for the working set: memcached's cache is the guest's memory less 1 GiB.
+        let cache = self.mem_mib.saturating_sub(1024);
+        self.exec(&format!(
+            "sed -i 's/^-m .*/-m {cache}/' /etc/memcached.conf && systemctl restart memcached"
+        ))?;
+        wait_answers(port, Duration::from_secs(30))?;
+        let keys = keys_for(ws);
+        let t = Instant::now();
+        let bytes = crate::load_keys(port, keys)?;
+        let load_s = t.elapsed().as_secs_f64();
+        eprintln!(
+            "bench: {}: {keys} keys, {} loaded in {load_s:.1} s",
+            scenario.name(),
+            crate::report::human_bytes(bytes)
+        );
+
+        let mut cfg = LoadConfig::new(port, keys);
+        cfg.threads = self.threads;
+        let load = Load::start(cfg)?;
+        let mut keep_cfg = LoadConfig::new(port, keys);
+        keep_cfg.threads = 1;
+        keep_cfg.mode = Mode::Keep;
+        keep_cfg.timeout = Duration::from_secs(5);
+        let keep = Load::start(keep_cfg)?;
+        std::thread::sleep(self.before);
+
+        let mark = |label: &str| {
+            load.mark(label);
+            keep.mark(label);
+        };
+        mark("update-start");
+        let trigger = match scenario {
+            Scenario::Switch => format!(
+                "kexec -s -l /boot/vmlinuz-{v} --initrd=/boot/initrd.img-{v} --reuse-cmdline && systemctl kexec --no-block",
+                v = self.new
+            ),
+            Scenario::Naive | Scenario::Kup => format!("kupctl update --kernel {}", self.new),
+        };
+        // The guest may go down before the command's answer reaches us: the new boot tells.
+        let triggered = self.exec(&trigger);
+        mark("switch");
+        let up = self.lab(&["wait", "--timeout", "400"]);
+        mark("multi-user");
+        if let Err(e) = up {
+            let _ = (load.stop(), keep.stop());
+            return Err(match triggered {
+                Err(t) => t,
+                Ok(_) => e,
+            });
+        }
+        std::thread::sleep(self.after);
+        let timeline = load.stop();
+        let keep_tl = keep.stop();
+
+        let mut extra = BTreeMap::new();
+        let mut put = |k: &str, v: serde_json::Value| {
+            extra.insert(k.to_owned(), v);
+        };
+        put("keys", keys.into());
+        put("bytes", bytes.into());
+        put("guest_mem_mib", self.mem_mib.into());
+        put("kernel_from", self.old.clone().into());
+        put("kernel_to", self.exec("uname -r")?.into());
+        put(
+            "kept_connection_survived",
+            keep_tl.connections_survived().into(),
+        );
+        let start = keep_tl.mark("update-start").unwrap_or(0.0);
+        let kept = keep_tl.downtime(start, keep_tl.duration_s());
+        put("kept_connection_wait_s", kept.secs.into());
+        if scenario != Scenario::Switch {
+            let (good, bad) = crate::verify_keys(port, keys)?;
+            eprintln!("bench: after the update: {good} keys identical, {bad} missing or different");
+            put("verified_good", good.into());
+            put("verified_bad", bad.into());
+            put(
+                "guest_dump_log",
+                self.exec(
+                    "journalctl -b -1 -o short-monotonic -u kupd --no-pager | grep 'kup:' || true",
+                )?
+                .into(),
+            );
+        }
+        put(
+            "guest_restore_log",
+            self.exec(
+                "journalctl -b 0 -o short-monotonic --no-pager -u memcached -u kup-netlock -u kup-restore-finish | grep -E 'Starting|Started|kup:' || true",
+            )?
+            .into(),
+        );
+        put(
+            "guest_boot",
+            self.exec("systemd-analyze time | head -1 || true")?.into(),
+        );
+        let mut v = Variant::new(scenario.name(), scenario.kind(), bytes, timeline);
+        v.extra = extra;
+        Ok(v)
+    }
+}
+
+fn free_port() -> Result<u16, LabError> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|source| LabError::Spawn {
+            what: "a free local port".into(),
+            source,
+        })
+}
+
+fn wait_answers(port: u16, limit: Duration) -> Result<(), LabError> {
+    let t = Instant::now();
+    while !crate::answers(port) {
+        if t.elapsed() > limit {
+            return Err(LabError::Failed {
+                what: format!("memcached through 127.0.0.1:{port}"),
+                output: format!("no answer within {} s", limit.as_secs()),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_cover_the_working_set() {
+        let n = keys_for(64 << 20);
+        let got = crate::working_set_bytes(n);
+        let want = 64u64 << 20;
+        assert!(got.abs_diff(want) < want / 20, "{got} vs {want}");
+    }
+
+    #[test]
+    fn scenarios_configure_what_they_claim() {
+        assert!(!Scenario::Switch.config().contains("[[unit]]"));
+        assert!(Scenario::Naive.config().contains("restore = \"eager\""));
+        assert!(Scenario::Naive.config().contains("precopy_rounds = 0"));
+        assert!(Scenario::Kup.config().contains("restore = \"lazy\""));
+        assert_eq!(Scenario::Kup.kind(), Kind::Kup);
+    }
+}

@@ -1,0 +1,151 @@
+//! Established TCP connections of a process tree, read from /proc at dump time: the connections the
+//! next kernel must not reset before their process is restored (see [`crate::nft`]).
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+/// One established connection, as the dumped process saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TcpConn {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// `ESTABLISHED` in the `st` column of /proc/net/tcp.
+const ESTABLISHED: &str = "01";
+
+/// Parses an address column of /proc/net/tcp or tcp6 (`0F02000A:2BCB`): the address words are
+/// printed in host byte order (little-endian here), the port in plain hex. IPv4-mapped IPv6
+/// addresses come back as IPv4: that is what travels on the wire.
+pub fn parse_addr(field: &str) -> Option<SocketAddr> {
+    let (addr, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |s: &str| u32::from_str_radix(s, 16).ok().map(u32::from_be);
+    let ip = match addr.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(addr)?.to_be_bytes())),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for (i, chunk) in bytes.chunks_mut(4).enumerate() {
+                chunk.copy_from_slice(&word(addr.get(i * 8..i * 8 + 8)?)?.to_be_bytes());
+            }
+            let v6 = Ipv6Addr::from(bytes);
+            v6.to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// The established connections of a /proc/net/tcp{,6} text whose socket inode is in `inodes`.
+pub fn parse_established(text: &str, inodes: &HashSet<u64>) -> Vec<TcpConn> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.get(3) != Some(&ESTABLISHED) {
+                return None;
+            }
+            let inode: u64 = f.get(9)?.parse().ok()?;
+            if !inodes.contains(&inode) {
+                return None;
+            }
+            Some(TcpConn {
+                local: parse_addr(f.get(1)?)?,
+                remote: parse_addr(f.get(2)?)?,
+            })
+        })
+        .collect()
+}
+
+/// The established TCP connections held by any of `pids` (a dumped tree, all in one network
+/// namespace: that of `pids[0]`). Unreadable entries are skipped: a process that exits takes its
+/// sockets with it.
+pub fn established(pids: &[i32]) -> Vec<TcpConn> {
+    let Some(first) = pids.first() else {
+        return Vec::new();
+    };
+    let mut inodes = HashSet::new();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Some(ino) = std::fs::read_link(fd.path())
+                .ok()
+                .and_then(|l| crate::criu::parse_socket_inode(&l.to_string_lossy()))
+            {
+                inodes.insert(ino);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{first}/net/{table}")) {
+            out.extend(parse_established(&text, &inodes));
+        }
+    }
+    out.sort_by_key(|c| (c.local, c.remote));
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:2BCB 00000000:0000 0A 00000000:00000000 00:00000000 00000000   104        0 5011 1 0000000000000000 100 0 0 10 0
+   1: 0F02000A:2BCB 0202000A:D4F2 01 00000000:00000000 00:00000000 00000000   104        0 7711 1 0000000000000000 20 4 30 10 -1
+   2: 0F02000A:1C84 0202000A:C8A0 01 00000000:00000000 00:00000000 00000000     0        0 9000 1 0000000000000000 20 4 30 10 -1
+";
+    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0000000000000000FFFF00000F02000A:2BCB 0000000000000000FFFF00000202000A:D4F4 01 00000000:00000000 00:00000000 00000000   104        0 7712 1 0000000000000000 20 4 30 10 -1
+   1: 00000000000000000000000001000000:2BCB 00000000000000000000000001000000:A000 01 00000000:00000000 00:00000000 00000000   104        0 7713 1 0000000000000000 20 4 30 10 -1
+";
+
+    #[test]
+    fn reads_only_the_established_sockets_of_the_tree() {
+        let inodes: HashSet<u64> = [5011, 7711].into();
+        assert_eq!(
+            parse_established(TCP, &inodes),
+            [TcpConn {
+                local: "10.0.2.15:11211".parse().unwrap(),
+                remote: "10.0.2.2:54514".parse().unwrap(),
+            }]
+        );
+    }
+
+    #[test]
+    fn ipv6_words_are_host_order_and_mapped_addresses_are_ipv4() {
+        let inodes: HashSet<u64> = [7712, 7713].into();
+        let conns = parse_established(TCP6, &inodes);
+        assert_eq!(conns[0].local, "10.0.2.15:11211".parse().unwrap());
+        assert_eq!(conns[0].remote, "10.0.2.2:54516".parse().unwrap());
+        assert_eq!(conns[1].local, "[::1]:11211".parse().unwrap());
+    }
+
+    #[test]
+    fn malformed_lines_are_skipped() {
+        let inodes: HashSet<u64> = [1].into();
+        assert!(parse_established("header\n 0: zz:1 00:2 01 x x x x x 1\n", &inodes).is_empty());
+        assert_eq!(parse_addr("0100007F:0050"), "127.0.0.1:80".parse().ok());
+        assert_eq!(parse_addr("7F:0050"), None);
+    }
+
+    #[test]
+    fn this_process_sees_its_own_connection() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (_s, _) = l.accept().unwrap();
+        let conns = established(&[std::process::id() as i32]);
+        assert!(
+            conns
+                .iter()
+                .any(|x| x.local == c.local_addr().unwrap() && x.remote == l.local_addr().unwrap())
+        );
+    }
+}
