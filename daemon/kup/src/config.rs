@@ -13,6 +13,7 @@
 //! image_dir = "/var/lib/kup/images"
 //! extra_cmdline = ""                      # appended to the new kernel's command line
 //! precopy_rounds = 0                      # 0..=16
+//! auto = "off"                            # after a kernel install: "off", "timer" or "now"
 //!
 //! [[unit]]
 //! name = "memcached.service"
@@ -183,6 +184,8 @@ pub struct UpdateSettings {
     pub extra_cmdline: String,
     /// CRIU pre-dump rounds before the final dump, `0..=16`.
     pub precopy_rounds: u8,
+    /// What happens after a kernel package installs a kernel (`auto`; see [`crate::install`]).
+    pub auto: crate::install::Auto,
 }
 
 impl Default for UpdateSettings {
@@ -193,6 +196,7 @@ impl Default for UpdateSettings {
             image_dir: PathBuf::from(DEFAULT_IMAGE_DIR),
             extra_cmdline: String::new(),
             precopy_rounds: 0,
+            auto: crate::install::Auto::Off,
         }
     }
 }
@@ -242,6 +246,8 @@ pub struct UpdateFragment {
     pub extra_cmdline: Option<String>,
     #[serde(default, deserialize_with = "de_precopy_rounds")]
     pub precopy_rounds: Option<u8>,
+    #[serde(default, deserialize_with = "de_auto")]
+    pub auto: Option<crate::install::Auto>,
 }
 
 /// Parses one file's text. `path` is only used in error messages.
@@ -290,6 +296,9 @@ impl Settings {
         }
         if let Some(rounds) = u.precopy_rounds {
             self.update.precopy_rounds = rounds;
+        }
+        if let Some(auto) = u.auto {
+            self.update.auto = auto;
         }
         for unit in fragment.units {
             match self.units.iter_mut().find(|u| u.name == unit.name) {
@@ -434,6 +443,11 @@ fn de_extra_cmdline<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D
         ));
     }
     Ok(Some(s))
+}
+
+fn de_auto<'de, D: Deserializer<'de>>(d: D) -> Result<Option<crate::install::Auto>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 fn de_precopy_rounds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {
