@@ -122,10 +122,111 @@ pub fn listing_has_hook(listing: &str) -> bool {
         .any(|line| line.trim_end().ends_with(HOOK_FILE))
 }
 
-/// Whether `initrd` carries kup's early-boot hook; `false` when it cannot be listed.
+/// Whether `initrd` carries kup's early-boot hook; `false` when it cannot be read.
+///
+/// Reads the initrd itself (uncompressed cpio segments such as early microcode, then the main
+/// archive through zstd, gzip, xz, lz4 or bzip2): a second under TCG where lsinitrd takes ten.
+/// Falls back to lsinitrd/lsinitramfs for a layout it does not know.
 #[must_use]
 pub fn has_module(initrd: &Path) -> bool {
-    list(initrd).is_ok_and(|listing| listing_has_hook(&listing))
+    match std::fs::read(initrd) {
+        Ok(bytes) => match scan(&bytes, &decompress) {
+            Some(found) => found,
+            None => list(initrd).is_ok_and(|listing| listing_has_hook(&listing)),
+        },
+        Err(_) => false,
+    }
+}
+
+/// The decompressor for a compressed segment starting with these bytes.
+fn compressor(bytes: &[u8]) -> Option<&'static str> {
+    const MAGICS: [(&[u8], &str); 5] = [
+        (&[0x28, 0xb5, 0x2f, 0xfd], "zstd"),
+        (&[0x1f, 0x8b], "gzip"),
+        (&[0xfd, b'7', b'z', b'X', b'Z', 0], "xz"),
+        (&[0x02, 0x21, 0x4c, 0x18], "lz4"),
+        (b"BZh", "bzip2"),
+    ];
+    MAGICS
+        .iter()
+        .find(|(magic, _)| bytes.starts_with(magic))
+        .map(|(_, tool)| *tool)
+}
+
+/// `tool -dc` over `bytes` (a compressed segment and whatever follows it).
+fn decompress(tool: &str, bytes: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut child = Command::new(tool)
+        .args(["-dcq"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut stdin = child.stdin.take()?;
+    let input = bytes.to_vec();
+    // Feed from a thread so a full stdout pipe cannot deadlock the write.
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().ok()?;
+    let _ = feeder.join();
+    // Trailing padding after the stream makes some tools complain; what came out still counts.
+    (!out.stdout.is_empty()).then_some(out.stdout)
+}
+
+/// Whether the cpio archive(s) in `bytes` hold a file named `*kup-handoff.sh`: `None` when the
+/// layout is not one this reader knows. `unpack(tool, rest)` decompresses a compressed segment.
+fn scan(bytes: &[u8], unpack: &dyn Fn(&str, &[u8]) -> Option<Vec<u8>>) -> Option<bool> {
+    let mut at = 0;
+    loop {
+        while bytes.get(at) == Some(&0) {
+            at += 1;
+        }
+        let rest = bytes.get(at..)?;
+        if rest.is_empty() {
+            return Some(false);
+        }
+        if rest.starts_with(b"07070") {
+            let (found, len) = cpio_names(rest)?;
+            if found {
+                return Some(true);
+            }
+            at += len;
+            continue;
+        }
+        let tool = compressor(rest)?;
+        let plain = unpack(tool, rest)?;
+        // A compressed segment is the last one (the kernel reads no further, nor does dracut).
+        return Some(cpio_names(&plain).is_some_and(|(found, _)| found));
+    }
+}
+
+/// Walks one newc cpio archive: (whether a name ends in kup-handoff.sh, bytes up to its trailer).
+fn cpio_names(bytes: &[u8]) -> Option<(bool, usize)> {
+    let hex = |from: usize| -> Option<usize> {
+        let field = std::str::from_utf8(bytes.get(from..from + 8)?).ok()?;
+        usize::from_str_radix(field, 16).ok()
+    };
+    let pad4 = |n: usize| (n + 3) & !3;
+    let mut at = 0;
+    loop {
+        if !bytes.get(at..)?.starts_with(b"07070") {
+            return None;
+        }
+        let size = hex(at + 54)?;
+        let namesize = hex(at + 94)?;
+        let name = bytes.get(at + 110..at + 110 + namesize.saturating_sub(1))?;
+        let next = pad4(at + 110 + namesize);
+        if name == b"TRAILER!!!" {
+            return Some((false, next));
+        }
+        if name.ends_with(HOOK_FILE.as_bytes()) {
+            return Some((true, next));
+        }
+        at = pad4(next + size);
+    }
 }
 
 /// Rebuilds the initrd of kernel `version` with the installed generator (which adds kup's hook,
@@ -172,6 +273,89 @@ mod tests {
         let initramfs_tools = "scripts\nscripts/init-bottom\nscripts/init-bottom/kup\nscripts/kup-handoff.sh\n";
         assert!(listing_has_hook(initramfs_tools));
         assert!(!listing_has_hook("scripts/init-bottom/udev\nusr/bin/kup-handoff.sh.orig\n"));
+    }
+
+    fn newc(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut entry = |name: &str, data: &[u8]| {
+            out.extend_from_slice(
+                format!(
+                    "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+                    1, 0o100_644, 0, 0, 1, 0, data.len(), 0, 0, 0, 0, name.len() + 1, 0
+                )
+                .as_bytes(),
+            );
+            out.extend_from_slice(name.as_bytes());
+            out.push(0);
+            while out.len() % 4 != 0 {
+                out.push(0);
+            }
+            out.extend_from_slice(data);
+            while out.len() % 4 != 0 {
+                out.push(0);
+            }
+        };
+        for (name, data) in files {
+            entry(name, data);
+        }
+        entry("TRAILER!!!", b"");
+        out
+    }
+
+    #[test]
+    fn plain_and_early_cpio_archives_are_read() {
+        let no_unpack = |_: &str, _: &[u8]| -> Option<Vec<u8>> { None };
+        let with = newc(&[("scripts", b""), ("scripts/kup-handoff.sh", b"#!/bin/sh\n")]);
+        assert_eq!(scan(&with, &no_unpack), Some(true));
+        let without = newc(&[("scripts/init-bottom/udev", b"x")]);
+        assert_eq!(scan(&without, &no_unpack), Some(false));
+        // Early microcode cpio, padding, then the main archive.
+        let mut both = newc(&[("kernel/x86/microcode/GenuineIntel.bin", b"ucode")]);
+        both.extend_from_slice(&[0; 512]);
+        both.extend_from_slice(&with);
+        assert_eq!(scan(&both, &no_unpack), Some(true));
+        assert_eq!(scan(b"not an initrd", &no_unpack), None);
+    }
+
+    #[test]
+    fn a_compressed_main_archive_goes_through_its_decompressor() {
+        let main = newc(&[("usr/lib/dracut/hooks/pre-pivot/90-kup-handoff.sh", b"x")]);
+        let mut initrd = newc(&[("early", b"")]);
+        initrd.extend_from_slice(&[0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3]);
+        let seen = std::cell::RefCell::new(String::new());
+        let unpack = |tool: &str, rest: &[u8]| {
+            seen.replace(format!("{tool} {}", rest.len()));
+            Some(main.clone())
+        };
+        assert_eq!(scan(&initrd, &unpack), Some(true));
+        assert_eq!(seen.borrow().as_str(), "zstd 7");
+    }
+
+    #[test]
+    fn a_real_gzip_initrd_is_read_when_gzip_is_there() {
+        use std::io::Write as _;
+        use std::process::Stdio;
+        let archive = newc(&[("scripts/kup-handoff.sh", b"x")]);
+        let Ok(mut gzip) = Command::new("gzip")
+            .arg("-c")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+        else {
+            panic!("gzip is part of every Debian system; install it");
+        };
+        gzip.stdin
+            .take()
+            .expect("stdin")
+            .write_all(&archive)
+            .expect("write");
+        let compressed = gzip.wait_with_output().expect("gzip").stdout;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("initrd.img");
+        std::fs::write(&path, &compressed).expect("write");
+        assert!(has_module(&path));
+        std::fs::write(&path, newc(&[("init", b"x")])).expect("write");
+        assert!(!has_module(&path));
     }
 
     #[test]

@@ -43,6 +43,13 @@ pub enum Command {
         #[arg(long)]
         no_schedule: bool,
     },
+    /// List the installed kernels and whether each initrd carries kup's early-boot hook (the
+    /// dracut module or the initramfs-tools hook). Runs locally, without kupd.
+    Initrds {
+        /// Rebuild the initrds that lack the hook (the package's postinst runs this).
+        #[arg(long)]
+        fix: bool,
+    },
     /// Show what kupd is doing and what it would update to.
     Status {
         /// Print kupd's JSON report instead of a summary.

@@ -70,10 +70,58 @@ pub async fn run(cli: Cli) -> Result<(), ClientError> {
             }
             result
         }
+        Command::Initrds { fix } => initrds(fix),
         command => {
             let conn = Connection::system().await.map_err(ClientError::Connect)?;
             execute(&conn, command, &mut Reporter::for_stdout()).await
         }
+    }
+}
+
+/// `kupctl initrds [--fix]`: each installed kernel's initrd and kup's hook in it.
+fn initrds(fix: bool) -> Result<(), ClientError> {
+    use kup::initrd;
+    let boot = std::path::Path::new(kup::stage::BOOT_DIR);
+    let kernels = kup::stage::installed_kernels(boot)
+        .map_err(|e| ClientError::Local(format!("kupctl cannot list the installed kernels: {e}")))?;
+    let mut failed = Vec::new();
+    for kernel in &kernels {
+        let path = boot.join(&kernel.initrd);
+        if initrd::has_module(&path) {
+            println!("{}  {}  has kup's hook", kernel.version, path.display());
+            continue;
+        }
+        if !fix {
+            let how = initrd::Generator::detect().map_or_else(
+                || "install dracut or initramfs-tools".to_owned(),
+                |g| g.rebuild_command(&kernel.version),
+            );
+            println!(
+                "{}  {}  LACKS kup's hook: kup cannot update to this kernel; fix: {how}",
+                kernel.version,
+                path.display()
+            );
+            continue;
+        }
+        match initrd::rebuild(&kernel.version) {
+            Ok(g) if initrd::has_module(&path) => println!(
+                "{}  {}  rebuilt with kup's hook ({})",
+                kernel.version,
+                path.display(),
+                g.rebuild_command(&kernel.version)
+            ),
+            Ok(g) => failed.push(format!(
+                "{} still lacks kup's hook after {}: check that kup's dracut module or initramfs-tools hook is installed (reinstall kup)",
+                path.display(),
+                g.rebuild_command(&kernel.version)
+            )),
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(ClientError::Local(failed.join("\n")))
     }
 }
 
@@ -142,6 +190,7 @@ pub async fn execute(
             version,
             no_schedule,
         } => stage(&version, no_schedule),
+        Command::Initrds { fix } => initrds(fix),
         Command::Units { json } => {
             let text = Manager1Proxy::new(conn).await?.units().await?;
             if json {
