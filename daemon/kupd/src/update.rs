@@ -1,34 +1,55 @@
 //! One update: the `org.kup.Update1` object and the task that runs the engine behind it.
 
+use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use kup_dbus::{FinishedUpdate, phase};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 use zbus::object_server::{InterfaceRef, SignalEmitter};
+use kup_dbus::{ACTION_UPDATE, KupError};
+use zbus::message::Header;
 use zbus::{Connection, OwnedObjectPath, interface};
 
 use crate::engine::{EngineError, Plan};
 use crate::manager::Shared;
 
 /// The state of one update, served at `/org/kup/Manager1/update/N`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct UpdateObject {
     phase: String,
     percentage: u32,
     target: String,
     message: String,
+    /// Set by `Cancel`; the engine stops at its next stage boundary before the switch.
+    cancel: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for UpdateObject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpdateObject")
+            .field("phase", &self.phase)
+            .field("percentage", &self.percentage)
+            .field("target", &self.target)
+            .field("message", &self.message)
+            .field("cancel", &self.cancel)
+            .finish_non_exhaustive()
+    }
 }
 
 impl UpdateObject {
     /// A freshly planned update to `target`.
     #[must_use]
-    pub fn new(target: &str) -> Self {
+    pub(crate) fn new(target: &str, shared: Arc<Shared>) -> Self {
         Self {
             phase: phase::PLANNED.to_owned(),
             percentage: 0,
             target: target.to_owned(),
             message: String::new(),
+            cancel: Arc::new(AtomicBool::new(false)),
+            shared,
         }
     }
 }
@@ -57,6 +78,33 @@ impl UpdateObject {
     #[zbus(property)]
     fn message(&self) -> String {
         self.message.clone()
+    }
+
+    /// Stops the update at its next stage boundary before the switch; it then finishes with
+    /// Finished(false, ...) in phase "cancelled" and every service runs on. Refused once the
+    /// update is in phase "switch" or has finished. Needs polkit action org.kup.update.
+    async fn cancel(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), KupError> {
+        self.shared.authorize(conn, &header, ACTION_UPDATE).await?;
+        if phase::is_terminal(&self.phase) {
+            return Err(KupError::Refused(format!(
+                "kupd: the update to kernel {} has already ended ({}): there is nothing to cancel",
+                self.target, self.phase
+            )));
+        }
+        if self.phase == phase::SWITCH {
+            return Err(KupError::Refused(format!(
+                "kupd: the update to kernel {} is in phase switch: the machine is already \
+                 switching kernel and it can no longer be cancelled; wait for it (kupctl status)",
+                self.target
+            )));
+        }
+        self.cancel.store(true, Ordering::SeqCst);
+        info!(target = %self.target, phase = %self.phase, "update cancellation requested");
+        Ok(())
     }
 
     /// Emitted on each progress report of the engine.
@@ -107,12 +155,14 @@ pub(crate) async fn drive(
 
     let (tx, mut rx) = mpsc::unbounded_channel::<(String, u32)>();
     let engine = Arc::clone(&shared.engine);
+    let cancel = Arc::clone(&iface.get().await.cancel);
     let job = tokio::task::spawn_blocking(move || {
         let progress = move |phase: &str, percentage: u32| {
             // The receiver lives until this closure is dropped; a send cannot fail before.
             let _ = tx.send((phase.to_owned(), percentage.min(100)));
         };
-        engine.run(plan, &progress)
+        let cancelled = move || cancel.load(Ordering::SeqCst);
+        engine.run_cancellable(plan, &progress, &cancelled)
     });
 
     while let Some((phase, percentage)) = rx.recv().await {
@@ -121,11 +171,16 @@ pub(crate) async fn drive(
         report(&iface, &phase, percentage).await;
     }
 
+    let mut cancelled = false;
     let (success, message) = match job.await {
         Ok(Ok(())) => (
             true,
             format!("kupd: the update to kernel {target} is done; the machine switches to it"),
         ),
+        Ok(Err(err @ EngineError::Cancelled(_))) => {
+            cancelled = true;
+            (false, err.to_string())
+        }
         Ok(Err(err @ (EngineError::Refused(_) | EngineError::Failed(_)))) => {
             (false, err.to_string())
         }
@@ -148,7 +203,7 @@ pub(crate) async fn drive(
         success,
         message: message.clone(),
     });
-    conclude(&iface, success, &message).await;
+    conclude(&iface, success, cancelled, &message).await;
 }
 
 /// Sets Phase and Percentage, signals the changes, then emits Progress.
@@ -177,10 +232,22 @@ async fn report(iface: &InterfaceRef<UpdateObject>, phase: &str, percentage: u32
 }
 
 /// Moves the object to its terminal phase and emits Finished.
-async fn conclude(iface: &InterfaceRef<UpdateObject>, success: bool, message: &str) {
+async fn conclude(
+    iface: &InterfaceRef<UpdateObject>,
+    success: bool,
+    cancelled: bool,
+    message: &str,
+) {
     {
         let mut obj = iface.get_mut().await;
-        obj.phase = if success { phase::DONE } else { phase::FAILED }.to_owned();
+        obj.phase = if success {
+            phase::DONE
+        } else if cancelled {
+            phase::CANCELLED
+        } else {
+            phase::FAILED
+        }
+        .to_owned();
         if success {
             obj.percentage = 100;
         }
