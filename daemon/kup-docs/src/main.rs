@@ -24,7 +24,10 @@ fn write_all(out: &Path) -> Result<()> {
     let completions = out.join("completions");
     for dir in [&man, &completions] {
         std::fs::create_dir_all(dir).with_context(|| {
-            format!("kup-docs: cannot create {}: check the permissions", dir.display())
+            format!(
+                "kup-docs: cannot create {}: check the permissions",
+                dir.display()
+            )
         })?;
     }
     let kupctl = kupctl::Cli::command().name("kupctl");
@@ -54,8 +57,12 @@ fn write_man(path: &Path, cmd: clap::Command) -> Result<()> {
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes)
-        .with_context(|| format!("kup-docs: cannot write {}: check the permissions", path.display()))
+    std::fs::write(path, bytes).with_context(|| {
+        format!(
+            "kup-docs: cannot write {}: check the permissions",
+            path.display()
+        )
+    })
 }
 
 #[cfg(test)]

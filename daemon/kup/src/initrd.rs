@@ -57,7 +57,9 @@ pub enum InitrdError {
         "cannot list {initrd}: neither lsinitrd (dracut) nor lsinitramfs (initramfs-tools) is installed; install dracut or initramfs-tools"
     )]
     NoLister { initrd: String },
-    #[error("cannot list {initrd} with {tool}: {reason}; check that the file is an initrd (rebuild it with {fix})")]
+    #[error(
+        "cannot list {initrd} with {tool}: {reason}; check that the file is an initrd (rebuild it with {fix})"
+    )]
     List {
         initrd: String,
         tool: &'static str,
@@ -68,7 +70,9 @@ pub enum InitrdError {
         "cannot rebuild the initrd of kernel {version}: neither dracut nor initramfs-tools is installed; install one of them"
     )]
     NoGenerator { version: String },
-    #[error("rebuilding the initrd of kernel {version} failed ({command}: {reason}); run `{command}` by hand and fix what it reports")]
+    #[error(
+        "rebuilding the initrd of kernel {version} failed ({command}: {reason}); run `{command}` by hand and fix what it reports"
+    )]
     Rebuild {
         version: String,
         command: String,
@@ -176,9 +180,12 @@ fn decompress(tool: &str, bytes: &[u8]) -> Option<Vec<u8>> {
     (!out.stdout.is_empty()).then_some(out.stdout)
 }
 
+/// Decompresses a segment with the named tool.
+type Unpack<'a> = dyn Fn(&str, &[u8]) -> Option<Vec<u8>> + 'a;
+
 /// Whether the cpio archive(s) in `bytes` hold a file named `*kup-handoff.sh`: `None` when the
 /// layout is not one this reader knows. `unpack(tool, rest)` decompresses a compressed segment.
-fn scan(bytes: &[u8], unpack: &dyn Fn(&str, &[u8]) -> Option<Vec<u8>>) -> Option<bool> {
+fn scan(bytes: &[u8], unpack: &Unpack<'_>) -> Option<bool> {
     let mut at = 0;
     loop {
         while bytes.get(at) == Some(&0) {
@@ -270,9 +277,12 @@ mod tests {
         let dracut = "drwxr-xr-x 2 root root 0 Nov 25 usr/lib/dracut/hooks/pre-pivot\n\
             -rwxr-xr-x 1 root root 1540 Nov 25 usr/lib/dracut/hooks/pre-pivot/90-kup-handoff.sh\n";
         assert!(listing_has_hook(dracut));
-        let initramfs_tools = "scripts\nscripts/init-bottom\nscripts/init-bottom/kup\nscripts/kup-handoff.sh\n";
+        let initramfs_tools =
+            "scripts\nscripts/init-bottom\nscripts/init-bottom/kup\nscripts/kup-handoff.sh\n";
         assert!(listing_has_hook(initramfs_tools));
-        assert!(!listing_has_hook("scripts/init-bottom/udev\nusr/bin/kup-handoff.sh.orig\n"));
+        assert!(!listing_has_hook(
+            "scripts/init-bottom/udev\nusr/bin/kup-handoff.sh.orig\n"
+        ));
     }
 
     fn newc(files: &[(&str, &[u8])]) -> Vec<u8> {

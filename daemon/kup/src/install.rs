@@ -68,10 +68,7 @@ impl std::str::FromStr for Auto {
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
     #[error("kup cannot stage kernel {version}: {source}")]
-    Stage {
-        version: String,
-        source: StageError,
-    },
+    Stage { version: String, source: StageError },
     #[error("kup cannot stage kernel {version}: {source}")]
     Initrd {
         version: String,
@@ -85,13 +82,17 @@ pub enum InstallError {
         initrd: String,
         command: String,
     },
-    #[error("kup cannot record kernel {version} as staged in {path}: {source}; check that /run is writable")]
+    #[error(
+        "kup cannot record kernel {version} as staged in {path}: {source}; check that /run is writable"
+    )]
     Record {
         version: String,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("kup staged kernel {version} but could not schedule its update ({auto}): {source}; run `kupctl update --kernel {version}` yourself")]
+    #[error(
+        "kup staged kernel {version} but could not schedule its update ({auto}): {source}; run `kupctl update --kernel {version}` yourself"
+    )]
     Schedule {
         version: String,
         auto: Auto,
@@ -128,12 +129,11 @@ pub fn stage_kernel(
     version: &str,
     staged_path: &Path,
 ) -> Result<Staged, InstallError> {
-    let kernel = stage::resolve_kernel(boot_dir, Some(version)).map_err(|source| {
-        InstallError::Stage {
+    let kernel =
+        stage::resolve_kernel(boot_dir, Some(version)).map_err(|source| InstallError::Stage {
             version: version.to_owned(),
             source,
-        }
-    })?;
+        })?;
     let mut rebuilt_with = None;
     if !initrd::has_module(&kernel.initrd) {
         let generator = initrd::rebuild(version).map_err(|source| InstallError::Initrd {
@@ -190,7 +190,8 @@ pub fn schedule(version: &str, auto: Auto) -> Result<String, InstallError> {
         )),
         Auto::Timer => {
             systemd::systemctl(&["start", UPDATE_TIMER]).map_err(fail)?;
-            let next = systemd::property(UPDATE_TIMER, "NextElapseUSecRealtime").unwrap_or_default();
+            let next =
+                systemd::property(UPDATE_TIMER, "NextElapseUSecRealtime").unwrap_or_default();
             Ok(format!(
                 "the update to {version} runs in kup-update.timer's window{}",
                 if next.is_empty() {
@@ -219,7 +220,10 @@ mod tests {
         assert_eq!("timer".parse(), Ok(Auto::Timer));
         assert_eq!("now".parse(), Ok(Auto::Now));
         let err = "nightly".parse::<Auto>().expect_err("unknown");
-        assert!(err.contains("\"nightly\"") && err.contains("\"timer\""), "{err}");
+        assert!(
+            err.contains("\"nightly\"") && err.contains("\"timer\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -240,7 +244,10 @@ mod tests {
         let err = stage_kernel(dir.path(), "9.9.9", &dir.path().join("staged.toml"))
             .expect_err("nothing installed");
         let text = err.to_string();
-        assert!(text.starts_with("kup cannot stage kernel 9.9.9: "), "{text}");
+        assert!(
+            text.starts_with("kup cannot stage kernel 9.9.9: "),
+            "{text}"
+        );
         assert!(!dir.path().join("staged.toml").exists());
     }
 }

@@ -96,8 +96,8 @@ mod tests {
 
     #[test]
     fn stage_takes_a_version() {
-        let cli = Cli::try_parse_from(["kupctl", "stage", "6.12.117", "--no-schedule"])
-            .expect("parses");
+        let cli =
+            Cli::try_parse_from(["kupctl", "stage", "6.12.117", "--no-schedule"]).expect("parses");
         assert!(matches!(
             cli.command,
             Command::Stage { ref version, no_schedule: true } if version == "6.12.117"

@@ -82,8 +82,9 @@ pub async fn run(cli: Cli) -> Result<(), ClientError> {
 fn initrds(fix: bool) -> Result<(), ClientError> {
     use kup::initrd;
     let boot = std::path::Path::new(kup::stage::BOOT_DIR);
-    let kernels = kup::stage::installed_kernels(boot)
-        .map_err(|e| ClientError::Local(format!("kupctl cannot list the installed kernels: {e}")))?;
+    let kernels = kup::stage::installed_kernels(boot).map_err(|e| {
+        ClientError::Local(format!("kupctl cannot list the installed kernels: {e}"))
+    })?;
     let mut failed = Vec::new();
     for kernel in &kernels {
         let path = boot.join(&kernel.initrd);
@@ -128,9 +129,8 @@ fn initrds(fix: bool) -> Result<(), ClientError> {
 /// `kupctl stage VER`: the kernel install hooks' entry point, local and without kupd.
 fn stage(version: &str, no_schedule: bool) -> Result<(), ClientError> {
     use kup::install;
-    let settings = kup::config::Settings::load().map_err(|e| {
-        ClientError::Local(format!("kup cannot stage kernel {version}: {e}"))
-    })?;
+    let settings = kup::config::Settings::load()
+        .map_err(|e| ClientError::Local(format!("kup cannot stage kernel {version}: {e}")))?;
     let staged = install::stage_kernel(
         std::path::Path::new(kup::stage::BOOT_DIR),
         version,

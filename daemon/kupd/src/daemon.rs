@@ -45,8 +45,8 @@ pub fn run(engine: Arc<dyn Engine>) -> Result<()> {
         let authority = Arc::new(PolkitAuthority::new(conn.clone()));
         serve(&conn, engine, authority).await?;
         info!(
-            version = env!("CARGO_PKG_VERSION"),
-            name = kup_dbus::BUS_NAME,
+            kup_version = env!("CARGO_PKG_VERSION"),
+            kup_bus_name = kup_dbus::BUS_NAME,
             "kupd is ready"
         );
         wait_for_stop().await?;

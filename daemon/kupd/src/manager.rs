@@ -14,7 +14,7 @@ use zbus_polkit::policykit1::Subject;
 
 use crate::authority::{Authority, Decision};
 use crate::engine::{Engine, UpdateOptions};
-use crate::update::{UpdateObject, drive};
+use crate::update::{UpdateObject, drive, update_id};
 
 /// State shared by the manager object and the running update.
 pub(crate) struct Shared {
@@ -94,7 +94,7 @@ impl Shared {
             return Ok(());
         }
         let who = describe_caller(conn, header).await;
-        warn!(caller = %who, action, ?decision, "refused an unauthorized caller");
+        warn!(kup_caller = %who, kup_action = action, kup_decision = ?decision, "refused an unauthorized caller");
         let why = match decision {
             Decision::NotAuthenticated => {
                 " (authentication was required and did not succeed; run it as root, or from a \
@@ -214,7 +214,7 @@ impl Manager {
         options: HashMap<String, OwnedVariant>,
     ) -> Result<OwnedObjectPath, KupError> {
         let caller = header.sender().map(ToString::to_string).unwrap_or_default();
-        info!(caller = %caller, target = %target, "Update requested");
+        info!(kup_caller = %caller, kup_target = %target, "Update requested");
         self.shared.authorize(conn, &header, ACTION_UPDATE).await?;
         let options = UpdateOptions::from_dbus(&options)
             .map_err(|err| KupError::InvalidArgs(err.to_string()))?;
@@ -232,13 +232,16 @@ impl Manager {
                 ))
             })?
             .map_err(|err| {
-                warn!(caller = %caller, target = %target, reason = %err, "Update refused");
+                warn!(kup_caller = %caller, kup_target = %target, kup_reason = %err, "Update refused");
                 KupError::Refused(err.to_string())
             })?;
 
         let path = slot.path.clone();
         conn.object_server()
-            .at(&path, UpdateObject::new(&plan.target, Arc::clone(&self.shared)))
+            .at(
+                &path,
+                UpdateObject::new(&plan.target, Arc::clone(&self.shared)),
+            )
             .await
             .map_err(|err| {
                 KupError::Failed(format!(
@@ -247,7 +250,7 @@ impl Manager {
                 ))
             })?;
         slot.started(&plan.target);
-        info!(caller = %caller, target = %plan.target, path = %path, "update started");
+        info!(kup_caller = %caller, kup_target = %plan.target, kup_update = %path, kup_update_id = update_id(&path), "update started");
         tokio::spawn(drive(
             Arc::clone(&self.shared),
             conn.clone(),

@@ -4,12 +4,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use kup_dbus::{ACTION_UPDATE, KupError};
 use kup_dbus::{FinishedUpdate, phase};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
-use zbus::object_server::{InterfaceRef, SignalEmitter};
-use kup_dbus::{ACTION_UPDATE, KupError};
 use zbus::message::Header;
+use zbus::object_server::{InterfaceRef, SignalEmitter};
 use zbus::{Connection, OwnedObjectPath, interface};
 
 use crate::engine::{EngineError, Plan};
@@ -103,7 +103,7 @@ impl UpdateObject {
             )));
         }
         self.cancel.store(true, Ordering::SeqCst);
-        info!(target = %self.target, phase = %self.phase, "update cancellation requested");
+        info!(kup_target = %self.target, kup_phase = %self.phase, "update cancellation requested");
         Ok(())
     }
 
@@ -124,6 +124,11 @@ impl UpdateObject {
     ) -> zbus::Result<()>;
 }
 
+/// The number N of an update object `/org/kup/Manager1/update/N` (journal field KUP_UPDATE_ID).
+pub(crate) fn update_id(path: &OwnedObjectPath) -> &str {
+    path.as_str().rsplit('/').next().unwrap_or_default()
+}
+
 /// Runs `plan` on a blocking thread and mirrors its progress onto the object at `path`.
 pub(crate) async fn drive(
     shared: Arc<Shared>,
@@ -139,7 +144,7 @@ pub(crate) async fn drive(
     {
         Ok(iface) => iface,
         Err(err) => {
-            error!(path = %path, error = %err, "update object vanished before the engine started");
+            error!(kup_update = %path, kup_update_id = update_id(&path), kup_error = %err, "update object vanished before the engine started");
             shared.finish(FinishedUpdate {
                 path: path.to_string(),
                 target,
@@ -166,7 +171,7 @@ pub(crate) async fn drive(
     });
 
     while let Some((phase, percentage)) = rx.recv().await {
-        info!(path = %path, phase = %phase, percentage, "update progress");
+        info!(kup_update = %path, kup_update_id = update_id(&path), kup_phase = %phase, kup_percentage = percentage, "update progress");
         shared.progress(&phase, percentage);
         report(&iface, &phase, percentage).await;
     }
@@ -193,9 +198,9 @@ pub(crate) async fn drive(
         ),
     };
     if success {
-        info!(path = %path, target = %target, "update finished");
+        info!(kup_update = %path, kup_update_id = update_id(&path), kup_target = %target, "update finished");
     } else {
-        warn!(path = %path, target = %target, message = %message, "update failed");
+        warn!(kup_update = %path, kup_update_id = update_id(&path), kup_target = %target, kup_reason = %message, "update failed");
     }
     shared.finish(FinishedUpdate {
         path: path.to_string(),
@@ -227,7 +232,7 @@ async fn report(iface: &InterfaceRef<UpdateObject>, phase: &str, percentage: u32
     drop(obj);
     result = result.and(UpdateObject::progress(emitter, phase, percentage).await);
     if let Err(err) = result {
-        warn!(path = %emitter.path(), error = %err, "could not signal update progress");
+        warn!(kup_update = %emitter.path(), kup_error = %err, "could not signal update progress");
     }
 }
 
@@ -263,6 +268,6 @@ async fn conclude(
     }
     .await;
     if let Err(err) = result {
-        warn!(path = %emitter.path(), error = %err, "could not signal the end of the update");
+        warn!(kup_update = %emitter.path(), kup_error = %err, "could not signal the end of the update");
     }
 }

@@ -689,7 +689,9 @@ fn interface_element(xml: &str, name: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_interfaces_match_the_checked_in_introspection_xml() {
     let Some(s) = setup().await else { return };
-    let path = update(&s.client, "hold", HashMap::new()).await.expect("Update");
+    let path = update(&s.client, "hold", HashMap::new())
+        .await
+        .expect("Update");
     let introspect = |object: String| {
         let conn = s.client.clone();
         async move {
@@ -708,15 +710,18 @@ async fn the_live_interfaces_match_the_checked_in_introspection_xml() {
     };
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/dbus-1/interfaces");
     for (object, name) in [
-        (kup_dbus::MANAGER_PATH.to_owned(), kup_dbus::MANAGER_INTERFACE),
+        (
+            kup_dbus::MANAGER_PATH.to_owned(),
+            kup_dbus::MANAGER_INTERFACE,
+        ),
         (path.to_string(), kup_dbus::UPDATE_INTERFACE),
     ] {
         let live = introspect(object.clone()).await;
         let live = interface_element(&live, name)
             .unwrap_or_else(|| panic!("{object} does not serve {name}:\n{live}"));
         let file = data.join(format!("{name}.xml"));
-        let doc = std::fs::read_to_string(&file)
-            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let doc =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let documented = interface_element(&doc, name)
             .unwrap_or_else(|| panic!("{} has no <interface name=\"{name}\">", file.display()));
         assert_eq!(
@@ -745,7 +750,9 @@ async fn can_update_answers_without_touching_anything() {
     assert_eq!(s.authority.checks.load(Ordering::SeqCst), 0);
     assert!(status(&s.client).await.active_update.is_none());
 
-    let path = update(&s.client, "hold", HashMap::new()).await.expect("Update");
+    let path = update(&s.client, "hold", HashMap::new())
+        .await
+        .expect("Update");
     wait_for_phase(&s.client, phase::STAGE).await;
     let (can, _, reason) = manager.can_update("7.3.4").await.expect("CanUpdate");
     assert!(!can);
@@ -756,7 +763,9 @@ async fn can_update_answers_without_touching_anything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_the_update_before_the_switch_and_not_after() {
     let Some(s) = setup().await else { return };
-    let path = update(&s.client, "hold", HashMap::new()).await.expect("Update");
+    let path = update(&s.client, "hold", HashMap::new())
+        .await
+        .expect("Update");
     wait_for_phase(&s.client, phase::STAGE).await;
     let proxy = update_proxy(&s.client, &path).await;
     let mut finished = proxy.receive_finished().await.expect("subscribe");
@@ -774,14 +783,20 @@ async fn cancel_stops_the_update_before_the_switch_and_not_after() {
         .expect("signal");
     let args = signal.args().expect("args");
     assert!(!*args.success());
-    assert!(args.message().contains("cancelled before the switch"), "{}", args.message());
+    assert!(
+        args.message().contains("cancelled before the switch"),
+        "{}",
+        args.message()
+    );
     assert_eq!(proxy.phase().await.expect("Phase"), phase::CANCELLED);
     let err = proxy.cancel().await.expect_err("already ended");
     assert_eq!(error_name(&err).as_deref(), Some(ERROR_REFUSED));
 
     // In the switch phase it is too late.
     let s2 = setup().await.expect("second bus");
-    let path = update(&s2.client, "hold-switch", HashMap::new()).await.expect("Update");
+    let path = update(&s2.client, "hold-switch", HashMap::new())
+        .await
+        .expect("Update");
     wait_for_phase(&s2.client, phase::SWITCH).await;
     let proxy = update_proxy(&s2.client, &path).await;
     let err = proxy.cancel().await.expect_err("too late");

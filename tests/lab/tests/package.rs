@@ -85,7 +85,10 @@ fn the_package_installs_updates_through_the_kernel_hook_and_purges_clean() {
     // The D-Bus interface is the documented one, and polkit refuses an unprivileged caller.
     let introspect = lab.exec("busctl introspect --no-pager org.kup.Manager1 /org/kup/Manager1");
     for member in [".Update", ".CanUpdate", ".Status", ".Units"] {
-        assert!(introspect.contains(member), "{member} missing:\n{introspect}");
+        assert!(
+            introspect.contains(member),
+            "{member} missing:\n{introspect}"
+        );
     }
     let (code, _, err) = lab.try_exec(
         "useradd -m kupuser && runuser -u kupuser -- busctl call org.kup.Manager1 /org/kup/Manager1 \
@@ -109,7 +112,10 @@ fn the_package_installs_updates_through_the_kernel_hook_and_purges_clean() {
     // A kernel package arrives: dpkg -i runs its postinst, the initrd generator's hook, then kup's.
     let deb = lab.exec(&repack_kernel());
     lab.exec(&format!("dpkg -r linux-image-{NEW} >/dev/null 2>&1"));
-    assert!(lab.exec(&format!("ls /boot/vmlinuz-{NEW} 2>/dev/null || true")).is_empty());
+    assert!(
+        lab.exec(&format!("ls /boot/vmlinuz-{NEW} 2>/dev/null || true"))
+            .is_empty()
+    );
     let install = lab.exec(&format!("dpkg -i {deb} 2>&1"));
     assert!(
         install.contains(&format!("kupctl: kernel {NEW} staged")),
@@ -138,7 +144,10 @@ fn the_package_installs_updates_through_the_kernel_hook_and_purges_clean() {
         let (code, _, _) = lab.try_exec(&format!("test ! -e {path}"));
         assert_eq!(code, 0, "{path} remains after dpkg --purge kup");
     }
-    assert!(lab.exec("systemctl list-unit-files 'kup*' --no-legend").is_empty());
+    assert!(
+        lab.exec("systemctl list-unit-files 'kup*' --no-legend")
+            .is_empty()
+    );
     let hooks = lab.exec(
         "for i in /boot/initrd.img-*; do /usr/lib/dracut/skipcpio $i | zstd -dcq | grep -ac kup-handoff.sh || true; done",
     );
