@@ -125,47 +125,41 @@ impl LabBench {
         self.lab(&["exec", "--", cmd]).map(|s| s.trim().to_owned())
     }
 
-    /// kup's install tree with the lab's payload hook and `config` as /etc/kup/kup.toml.
+    /// The lab's payload: kup's Debian package (installed with dpkg at first boot by the lab's
+    /// payload hook) and `config` as /etc/kup/kup.toml.
     fn tree(&self, config: &str) -> Result<PathBuf, LabError> {
         let tree = self.run_dir.with_extension("tree");
-        let st = Command::new(self.repo.join("packaging/install-tree"))
-            .arg(&tree)
-            .status()
+        let _ = std::fs::remove_dir_all(&tree);
+        let debs = tree.join("var/lib/kup-lab");
+        let file_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| crate::Error::File { path, source }
+        };
+        std::fs::create_dir_all(&debs).map_err(file_err(&debs))?;
+        let out = Command::new(self.repo.join("packaging/build-deb"))
+            .arg(&debs)
+            .output()
             .map_err(|source| LabError::Spawn {
-                what: "packaging/install-tree".into(),
+                what: "packaging/build-deb".into(),
                 source,
             })?;
-        if !st.success() {
+        if !out.status.success() {
             return Err(LabError::Failed {
-                what: "packaging/install-tree".into(),
-                output: "build the workspace first: cargo build --release --workspace".into(),
+                what: "packaging/build-deb (build the workspace first: cargo build --release --workspace)"
+                    .into(),
+                output: String::from_utf8_lossy(&out.stderr).into_owned(),
             });
         }
-        let file = |p: &Path, text: &[u8]| {
-            std::fs::create_dir_all(p.parent().unwrap_or(Path::new("/")))
-                .and_then(|()| std::fs::write(p, text))
-                .map_err(|source| crate::Error::File {
-                    path: p.to_owned(),
-                    source,
-                })
-        };
-        let hook = std::fs::read(self.repo.join("tests/lab/payload/payload-install")).map_err(
-            |source| crate::Error::File {
-                path: self.repo.join("tests/lab/payload/payload-install"),
-                source,
-            },
-        )?;
-        let hook_path = tree.join("usr/lib/kup-lab/payload-install");
-        file(&hook_path, &hook)?;
-        std::fs::set_permissions(
-            &hook_path,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .map_err(|source| crate::Error::File {
-            path: hook_path.clone(),
-            source,
-        })?;
-        file(&tree.join("etc/kup/kup.toml"), config.as_bytes())?;
+        let deb = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        let kup_deb = debs.join("kup.deb");
+        std::fs::rename(&deb, &kup_deb).map_err(file_err(&kup_deb))?;
+        let hook = tree.join("usr/lib/kup-lab/payload-install");
+        let hook_src = self.repo.join("tests/lab/payload/payload-install");
+        std::fs::create_dir_all(tree.join("usr/lib/kup-lab")).map_err(file_err(&hook))?;
+        std::fs::copy(&hook_src, &hook).map_err(file_err(&hook_src))?;
+        let conf = tree.join("etc/kup/kup.toml");
+        std::fs::create_dir_all(tree.join("etc/kup")).map_err(file_err(&conf))?;
+        std::fs::write(&conf, config).map_err(file_err(&conf))?;
         Ok(tree)
     }
 

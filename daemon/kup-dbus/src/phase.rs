@@ -21,10 +21,14 @@ pub const DONE: &str = "done";
 /// Terminal: the update failed before the switch (`Finished(false, ...)`); services run on.
 pub const FAILED: &str = "failed";
 
+/// Terminal: a caller cancelled the update before the switch (`Finished(false, ...)`); services
+/// run on.
+pub const CANCELLED: &str = "cancelled";
+
 /// Whether `phase` is one an update never leaves.
 #[must_use]
 pub fn is_terminal(phase: &str) -> bool {
-    phase == DONE || phase == FAILED
+    phase == DONE || phase == FAILED || phase == CANCELLED
 }
 
 #[cfg(test)]
@@ -35,6 +39,7 @@ mod tests {
     fn only_done_and_failed_are_terminal() {
         assert!(is_terminal(DONE));
         assert!(is_terminal(FAILED));
+        assert!(is_terminal(CANCELLED));
         for phase in [PLANNED, STAGE, PREFLIGHT, PRE_COPY, DUMP, SWITCH] {
             assert!(!is_terminal(phase), "{phase}");
         }

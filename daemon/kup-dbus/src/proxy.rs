@@ -22,6 +22,10 @@ pub trait Manager1 {
         options: HashMap<&str, Variant<'_>>,
     ) -> zbus::Result<OwnedObjectPath>;
 
+    /// Whether an update to `target` would be accepted now, without authorization and without
+    /// touching anything: (can, resolved target, reason when it cannot).
+    fn can_update(&self, target: &str) -> zbus::Result<(bool, String, String)>;
+
     /// A [`crate::StatusReport`] as JSON.
     fn status(&self) -> zbus::Result<String>;
 
@@ -47,6 +51,10 @@ pub trait Update1 {
     /// Last message: empty while running, the result once finished.
     #[zbus(property)]
     fn message(&self) -> zbus::Result<String>;
+
+    /// Stops the update before the switch (phase `cancelled`); refused in phase `switch`.
+    #[zbus(allow_interactive_auth)]
+    fn cancel(&self) -> zbus::Result<()>;
 
     /// Emitted on every progress report of the engine.
     #[zbus(signal)]

@@ -14,6 +14,7 @@
 //! extra_cmdline = ""                      # appended to the new kernel's command line
 //! precopy_rounds = 0                      # 0..=16
 //! restore = "eager"                       # or "lazy": resume first, pages arrive on demand
+//! auto = "off"                            # after a kernel install: "off", "timer" or "now"
 //!
 //! [[unit]]
 //! name = "memcached.service"
@@ -197,6 +198,8 @@ pub struct UpdateSettings {
     /// CRIU pre-dump rounds before the final dump, `0..=16`.
     pub precopy_rounds: u8,
     pub restore: RestoreMode,
+    /// What happens after a kernel package installs a kernel (`auto`; see [`crate::install`]).
+    pub auto: crate::install::Auto,
 }
 
 impl Default for UpdateSettings {
@@ -208,6 +211,7 @@ impl Default for UpdateSettings {
             extra_cmdline: String::new(),
             precopy_rounds: 0,
             restore: RestoreMode::Eager,
+            auto: crate::install::Auto::Off,
         }
     }
 }
@@ -259,6 +263,8 @@ pub struct UpdateFragment {
     pub precopy_rounds: Option<u8>,
     #[serde(default, deserialize_with = "de_restore")]
     pub restore: Option<RestoreMode>,
+    #[serde(default, deserialize_with = "de_auto")]
+    pub auto: Option<crate::install::Auto>,
 }
 
 /// Parses one file's text. `path` is only used in error messages.
@@ -310,6 +316,9 @@ impl Settings {
         }
         if let Some(mode) = u.restore {
             self.update.restore = mode;
+        }
+        if let Some(auto) = u.auto {
+            self.update.auto = auto;
         }
         for unit in fragment.units {
             match self.units.iter_mut().find(|u| u.name == unit.name) {
@@ -454,6 +463,11 @@ fn de_extra_cmdline<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D
         ));
     }
     Ok(Some(s))
+}
+
+fn de_auto<'de, D: Deserializer<'de>>(d: D) -> Result<Option<crate::install::Auto>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 fn de_precopy_rounds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {

@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod criu;
+pub mod initrd;
+pub mod install;
 pub mod kexec;
 pub mod manifest;
 pub mod nft;

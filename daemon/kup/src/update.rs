@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use nix::fcntl::{Flock, FlockArg};
 
@@ -153,11 +152,7 @@ pub fn preflight_unit(unit: &str) -> Result<(), UpdateError> {
 
 /// Whether the initrd carries kup's early-boot hook.
 fn initrd_has_module(initrd: &Path) -> bool {
-    Command::new("lsinitrd")
-        .arg(initrd)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("kup-handoff.sh"))
-        .unwrap_or(false)
+    crate::initrd::has_module(initrd)
 }
 
 /// Freeze + dump every unit, write the manifest, load the kernel and ask systemd to switch.

@@ -23,6 +23,32 @@ pub enum Command {
         /// Extra kernel command line arguments for the new kernel, as one string.
         #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
         append: Option<String>,
+        /// Print progress and the result as JSON lines (one object per line) for scripts.
+        #[arg(long)]
+        json: bool,
+        /// First wait until no package manager (dpkg, apt) holds the dpkg lock, so an update
+        /// scheduled by a kernel install never switches kernel in the middle of a package run.
+        #[arg(long)]
+        wait_dpkg: bool,
+    },
+    /// Stage an installed kernel (what the kernel install hooks run): check its image and
+    /// initrd, rebuild the initrd when it lacks kup's hook, make it the target of the next
+    /// update and schedule that update as `[update] auto` in kup.toml says. Runs locally, as
+    /// root, without kupd.
+    Stage {
+        /// Kernel release, as `uname -r` prints it, e.g. 6.12.117+deb13-cloud-amd64.
+        #[arg(value_name = "VER")]
+        version: String,
+        /// Only check and stage; do not schedule the update whatever `[update] auto` says.
+        #[arg(long)]
+        no_schedule: bool,
+    },
+    /// List the installed kernels and whether each initrd carries kup's early-boot hook (the
+    /// dracut module or the initramfs-tools hook). Runs locally, without kupd.
+    Initrds {
+        /// Rebuild the initrds that lack the hook (the package's postinst runs this).
+        #[arg(long)]
+        fix: bool,
     },
     /// Show what kupd is doing and what it would update to.
     Status {
@@ -54,10 +80,28 @@ mod tests {
             "kupctl", "update", "--kernel", "7.3.4", "--append", "-- quiet",
         ])
         .expect("parses");
-        let Command::Update { kernel, append } = cli.command else {
+        let Command::Update {
+            kernel,
+            append,
+            json,
+            wait_dpkg,
+        } = cli.command
+        else {
             panic!("not update");
         };
         assert_eq!(kernel.as_deref(), Some("7.3.4"));
         assert_eq!(append.as_deref(), Some("-- quiet"));
+        assert!(!json && !wait_dpkg);
+    }
+
+    #[test]
+    fn stage_takes_a_version() {
+        let cli =
+            Cli::try_parse_from(["kupctl", "stage", "6.12.117", "--no-schedule"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Stage { ref version, no_schedule: true } if version == "6.12.117"
+        ));
+        assert!(Cli::try_parse_from(["kupctl", "stage"]).is_err());
     }
 }

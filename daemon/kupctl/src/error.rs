@@ -45,6 +45,9 @@ pub enum ClientError {
     /// Any other bus failure.
     #[error("talking to kupd failed ({0}): see journalctl -u kupd")]
     Bus(zbus::Error),
+    /// A command that runs locally (`kupctl stage`) failed; the message names the fix.
+    #[error("{0}")]
+    Local(String),
     /// kupd answered with JSON this kupctl cannot read.
     #[error(transparent)]
     Payload(#[from] PayloadError),

@@ -17,6 +17,7 @@ pub struct Reporter {
 enum Mode {
     Bar(ProgressBar),
     Lines(Box<dyn Write + Send>),
+    Json(Box<dyn Write + Send>),
 }
 
 impl fmt::Debug for Reporter {
@@ -24,6 +25,7 @@ impl fmt::Debug for Reporter {
         let mode = match self.mode {
             Mode::Bar(_) => "bar",
             Mode::Lines(_) => "lines",
+            Mode::Json(_) => "json",
         };
         f.debug_struct("Reporter")
             .field("mode", &mode)
@@ -59,9 +61,40 @@ impl Reporter {
         }
     }
 
+    /// One JSON object per line into `out` (`kupctl update --json`): `{"note": ...}`,
+    /// `{"phase": ..., "percentage": ...}` on every report, and last
+    /// `{"finished": true, "success": ..., "message": ...}`.
+    #[must_use]
+    pub fn json(out: impl Write + Send + 'static) -> Self {
+        Self {
+            mode: Mode::Json(Box::new(out)),
+            last: None,
+        }
+    }
+
+    fn json_line(&mut self, value: &serde_json::Value) {
+        if let Mode::Json(out) = &mut self.mode {
+            let _ = writeln!(out, "{value}");
+            let _ = out.flush();
+        }
+    }
+
+    /// The end of an update as the last JSON line (only in JSON mode; the others show errors
+    /// on stderr).
+    pub fn json_result(&mut self, success: bool, message: &str) {
+        self.json_line(
+            &serde_json::json!({"finished": true, "success": success, "message": message}),
+        );
+    }
+
     /// Prints a line above the bar (or as a line).
     pub fn note(&mut self, text: &str) {
+        if matches!(self.mode, Mode::Json(_)) {
+            self.json_line(&serde_json::json!({ "note": text }));
+            return;
+        }
         match &mut self.mode {
+            Mode::Json(_) => {}
             Mode::Bar(bar) => bar.println(text),
             Mode::Lines(out) => {
                 // Progress output is best effort: a closed stdout must not fail the update.
@@ -74,6 +107,10 @@ impl Reporter {
     /// Shows that the update is in `phase` at `percentage`.
     pub fn progress(&mut self, phase: &str, percentage: u32) {
         let percentage = percentage.min(100);
+        if matches!(self.mode, Mode::Json(_)) {
+            self.json_line(&serde_json::json!({"phase": phase, "percentage": percentage}));
+            return;
+        }
         let show = match &self.last {
             None => true,
             Some((last_phase, last_pct)) => {
@@ -87,6 +124,7 @@ impl Reporter {
                 bar.set_message(phase.to_owned());
                 bar.set_position(u64::from(percentage));
             }
+            Mode::Json(_) => {}
             Mode::Lines(out) => {
                 if show {
                     let _ = writeln!(out, "{phase:>10} {percentage:>3}%");
@@ -104,7 +142,12 @@ impl Reporter {
         if let Mode::Bar(bar) = &self.mode {
             bar.finish_and_clear();
         }
+        if matches!(self.mode, Mode::Json(_)) {
+            self.json_result(true, text);
+            return;
+        }
         match &mut self.mode {
+            Mode::Json(_) => {}
             Mode::Bar(_) => println!("{text}"),
             Mode::Lines(out) => {
                 let _ = writeln!(out, "{text}");
@@ -137,6 +180,26 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn json_mode_writes_one_object_per_event() {
+        let buf = Buf::default();
+        let mut reporter = Reporter::json(buf.clone());
+        reporter.note("updating");
+        reporter.progress("dump", 40);
+        reporter.progress("dump", 41);
+        reporter.finish("done");
+        let text = String::from_utf8(buf.0.lock().expect("lock").clone()).expect("utf8");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines[0]["note"], "updating");
+        assert_eq!(lines[2]["percentage"], 41);
+        assert_eq!(lines[3]["success"], true);
+        assert_eq!(lines[3]["message"], "done");
     }
 
     #[test]

@@ -13,29 +13,11 @@ use crate::engine::{Engine, default_engine};
 use crate::logging;
 use crate::service::serve;
 
-const USAGE: &str = "usage: kupd [--version]\n\
-    kupd is the kup system service; systemd starts it (kupd.service) or D-Bus activates it \
-    (org.kup.Manager1). Talk to it with kupctl.";
-
 /// Entry point of the `kupd` binary.
 #[must_use]
 pub fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    match args.next().as_deref() {
-        None => {}
-        Some("--version" | "-V") => {
-            println!("kupd {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
-        }
-        Some("--help" | "-h") => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Some(other) => {
-            eprintln!("kupd: unknown argument '{other}': kupd takes none\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    }
+    // --help, --version and unknown arguments (exit status 2) are clap's.
+    crate::cli::command().get_matches();
     logging::init();
     match run(default_engine()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -63,8 +45,8 @@ pub fn run(engine: Arc<dyn Engine>) -> Result<()> {
         let authority = Arc::new(PolkitAuthority::new(conn.clone()));
         serve(&conn, engine, authority).await?;
         info!(
-            version = env!("CARGO_PKG_VERSION"),
-            name = kup_dbus::BUS_NAME,
+            kup_version = env!("CARGO_PKG_VERSION"),
+            kup_bus_name = kup_dbus::BUS_NAME,
             "kupd is ready"
         );
         wait_for_stop().await?;

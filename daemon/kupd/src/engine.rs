@@ -18,6 +18,20 @@ pub trait Engine: Send + Sync + 'static {
     fn plan(&self, target: &str, options: &UpdateOptions) -> Result<Plan, EngineError>;
     /// Runs the update; calls progress(phase, percent) as it goes. Returns only on failure before the switch (on success the machine kexecs away).
     fn run(&self, plan: Plan, progress: &dyn Fn(&str, u32)) -> Result<(), EngineError>;
+    /// [`Engine::run`] that stops with [`EngineError::Cancelled`] when `cancelled()` is true at a
+    /// stage boundary before the switch (every service then runs on). The default checks once,
+    /// before anything runs; engines with more boundaries override it.
+    fn run_cancellable(
+        &self,
+        plan: Plan,
+        progress: &dyn Fn(&str, u32),
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(), EngineError> {
+        if cancelled() {
+            return Err(EngineError::cancelled(&plan.target));
+        }
+        self.run(plan, progress)
+    }
     /// The engine's part of `Manager1.Status` (kupd fills in its own fields).
     fn status(&self) -> StatusReport;
     /// The marked units and whether each can be checkpointed now (`Manager1.Units`).
@@ -157,6 +171,20 @@ pub enum EngineError {
     /// Failed while running, before the switch; every service runs on, on this kernel.
     #[error("{0}")]
     Failed(String),
+    /// Cancelled by a caller (`Update1.Cancel`) before the switch; every service runs on.
+    #[error("{0}")]
+    Cancelled(String),
+}
+
+impl EngineError {
+    /// The cancellation of the update to `target`, in words.
+    #[must_use]
+    pub fn cancelled(target: &str) -> Self {
+        Self::Cancelled(format!(
+            "kupd: the update to kernel {target} was cancelled before the switch; every service \
+             runs on, on this kernel"
+        ))
+    }
 }
 
 /// The engine kupd runs with when no real one is linked in: it refuses every update.

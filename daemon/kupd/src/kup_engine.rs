@@ -36,6 +36,20 @@ impl Engine for KupEngine {
         Ok(())
     }
 
+    fn run_cancellable(
+        &self,
+        plan: Plan,
+        progress: &dyn Fn(&str, u32),
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(), EngineError> {
+        // The stages before the first dump (stage, preflight) ran in `plan`; the library's run
+        // dumps and switches in one go, so the last boundary kupd sees is this one.
+        if cancelled() {
+            return Err(EngineError::cancelled(&plan.target));
+        }
+        self.run(plan, progress)
+    }
+
     fn status(&self) -> StatusReport {
         let mut notes = Vec::new();
         let marked = match Settings::load() {

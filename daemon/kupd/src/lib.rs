@@ -4,6 +4,7 @@
 //! an `org.kup.Update1` object with progress signals, and leaves the work to an [`Engine`].
 
 pub mod authority;
+pub mod cli;
 pub mod daemon;
 pub mod engine;
 pub mod kup_engine;

@@ -1,4 +1,8 @@
 //! Logging: structured records to the journal, or plain lines on stderr without a journal.
+//!
+//! Every field kupd logs is named `kup_*` (journal: `KUP_*`, e.g. KUP_PHASE=, KUP_UPDATE_ID=,
+//! KUP_TARGET=, KUP_CALLER=), or `unit` (UNIT=) for a systemd unit, so none collides with the
+//! journal's own fields (MESSAGE=, TARGET= of tracing, CODE_*).
 
 use std::io::IsTerminal as _;
 use std::path::Path;
@@ -27,7 +31,13 @@ pub fn init() -> LogTarget {
     let journald = if Path::new(JOURNAL_SOCKET).exists() {
         tracing_journald::layer()
             .ok()
-            .map(|layer| layer.with_syslog_identifier("kupd".to_owned()))
+            // Fields go to the journal under their own names (KUP_PHASE=, KUP_UPDATE_ID=,
+            // KUP_TARGET=, UNIT=...), so `journalctl -u kupd KUP_PHASE=dump` finds them.
+            .map(|layer| {
+                layer
+                    .with_syslog_identifier("kupd".to_owned())
+                    .with_field_prefix(None)
+            })
     } else {
         None
     };

@@ -14,7 +14,7 @@ use zbus_polkit::policykit1::Subject;
 
 use crate::authority::{Authority, Decision};
 use crate::engine::{Engine, UpdateOptions};
-use crate::update::{UpdateObject, drive};
+use crate::update::{UpdateObject, drive, update_id};
 
 /// State shared by the manager object and the running update.
 pub(crate) struct Shared {
@@ -71,6 +71,41 @@ impl Shared {
             phase.clone_into(&mut active.phase);
             active.percentage = percentage;
         }
+    }
+
+    /// Checks polkit `action` for the sender of `header`.
+    pub(crate) async fn authorize(
+        &self,
+        conn: &Connection,
+        header: &Header<'_>,
+        action: &str,
+    ) -> Result<(), KupError> {
+        let subject = Subject::new_for_message_header(header).map_err(|err| {
+            KupError::Failed(format!(
+                "kupd cannot tell who is calling ({err}); call kupd over the system bus"
+            ))
+        })?;
+        let decision = self
+            .authority
+            .check(&subject, action)
+            .await
+            .map_err(|err| KupError::Failed(err.to_string()))?;
+        if decision == Decision::Allowed {
+            return Ok(());
+        }
+        let who = describe_caller(conn, header).await;
+        warn!(kup_caller = %who, kup_action = action, kup_decision = ?decision, "refused an unauthorized caller");
+        let why = match decision {
+            Decision::NotAuthenticated => {
+                " (authentication was required and did not succeed; run it as root, or from a \
+                 session with a polkit agent, e.g. under pkttyagent)"
+            }
+            Decision::Allowed | Decision::Denied => "",
+        };
+        Err(KupError::NotAuthorized(format!(
+            "kupd: {who} is not authorized to use {action}{why}: ask an administrator to grant \
+             {action} (polkit rule)"
+        )))
     }
 
     /// Frees the slot and remembers how the update ended.
@@ -139,42 +174,6 @@ impl Manager {
             }),
         }
     }
-
-    /// Checks polkit `action` for the sender of `header`.
-    async fn authorize(
-        &self,
-        conn: &Connection,
-        header: &Header<'_>,
-        action: &str,
-    ) -> Result<(), KupError> {
-        let subject = Subject::new_for_message_header(header).map_err(|err| {
-            KupError::Failed(format!(
-                "kupd cannot tell who is calling ({err}); call kupd over the system bus"
-            ))
-        })?;
-        let decision = self
-            .shared
-            .authority
-            .check(&subject, action)
-            .await
-            .map_err(|err| KupError::Failed(err.to_string()))?;
-        if decision == Decision::Allowed {
-            return Ok(());
-        }
-        let who = describe_caller(conn, header).await;
-        warn!(caller = %who, action, ?decision, "refused an unauthorized caller");
-        let why = match decision {
-            Decision::NotAuthenticated => {
-                " (authentication was required and did not succeed; run it as root, or from a \
-                 session with a polkit agent, e.g. under pkttyagent)"
-            }
-            Decision::Allowed | Decision::Denied => "",
-        };
-        Err(KupError::NotAuthorized(format!(
-            "kupd: {who} is not authorized to use {action}{why}: ask an administrator to grant \
-             {action} (polkit rule)"
-        )))
-    }
 }
 
 impl fmt::Debug for Manager {
@@ -215,8 +214,8 @@ impl Manager {
         options: HashMap<String, OwnedVariant>,
     ) -> Result<OwnedObjectPath, KupError> {
         let caller = header.sender().map(ToString::to_string).unwrap_or_default();
-        info!(caller = %caller, target = %target, "Update requested");
-        self.authorize(conn, &header, ACTION_UPDATE).await?;
+        info!(kup_caller = %caller, kup_target = %target, "Update requested");
+        self.shared.authorize(conn, &header, ACTION_UPDATE).await?;
         let options = UpdateOptions::from_dbus(&options)
             .map_err(|err| KupError::InvalidArgs(err.to_string()))?;
         let slot = self.shared.claim(&target)?;
@@ -233,13 +232,16 @@ impl Manager {
                 ))
             })?
             .map_err(|err| {
-                warn!(caller = %caller, target = %target, reason = %err, "Update refused");
+                warn!(kup_caller = %caller, kup_target = %target, kup_reason = %err, "Update refused");
                 KupError::Refused(err.to_string())
             })?;
 
         let path = slot.path.clone();
         conn.object_server()
-            .at(&path, UpdateObject::new(&plan.target))
+            .at(
+                &path,
+                UpdateObject::new(&plan.target, Arc::clone(&self.shared)),
+            )
             .await
             .map_err(|err| {
                 KupError::Failed(format!(
@@ -248,7 +250,7 @@ impl Manager {
                 ))
             })?;
         slot.started(&plan.target);
-        info!(caller = %caller, target = %plan.target, path = %path, "update started");
+        info!(kup_caller = %caller, kup_target = %plan.target, kup_update = %path, kup_update_id = update_id(&path), "update started");
         tokio::spawn(drive(
             Arc::clone(&self.shared),
             conn.clone(),
@@ -256,6 +258,44 @@ impl Manager {
             plan,
         ));
         Ok(path)
+    }
+
+    /// Whether an update to `target` ("" = the newest installed or staged kernel) would be
+    /// accepted now: (can, the resolved target, the reason when it cannot). Runs the checks of
+    /// `Update` (stage, preflight) without touching anything and without authorization, so an
+    /// updater can decide what to offer before it asks for a password.
+    #[zbus(out_args("can", "target", "reason"))]
+    async fn can_update(&self, target: String) -> Result<(bool, String, String), KupError> {
+        if let Some(active) = &self.shared.state().active {
+            return Ok((
+                false,
+                target,
+                format!(
+                    "kupd: an update is already running ({}, target {}, phase {}): wait for it \
+                     to finish (kupctl status)",
+                    active.path,
+                    display_target(&active.target),
+                    active.phase
+                ),
+            ));
+        }
+        let engine = Arc::clone(&self.shared.engine);
+        let wanted = target.clone();
+        let planned = tokio::task::spawn_blocking(move || {
+            engine.plan(&wanted, &UpdateOptions::default())
+        })
+        .await
+        .map_err(|err| {
+            KupError::Failed(format!(
+                "kupd: the update engine crashed while checking an update to {} ({err}): see \
+                 journalctl -u kupd and report the bug",
+                display_target(&target)
+            ))
+        })?;
+        Ok(match planned {
+            Ok(plan) => (true, plan.target, String::new()),
+            Err(err) => (false, target, err.to_string()),
+        })
     }
 
     /// A JSON StatusReport: running kernel, default target, the running and the last update.

@@ -1,10 +1,14 @@
 //! One update: the `org.kup.Update1` object and the task that runs the engine behind it.
 
+use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use kup_dbus::{ACTION_UPDATE, KupError};
 use kup_dbus::{FinishedUpdate, phase};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
+use zbus::message::Header;
 use zbus::object_server::{InterfaceRef, SignalEmitter};
 use zbus::{Connection, OwnedObjectPath, interface};
 
@@ -12,23 +16,40 @@ use crate::engine::{EngineError, Plan};
 use crate::manager::Shared;
 
 /// The state of one update, served at `/org/kup/Manager1/update/N`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct UpdateObject {
     phase: String,
     percentage: u32,
     target: String,
     message: String,
+    /// Set by `Cancel`; the engine stops at its next stage boundary before the switch.
+    cancel: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for UpdateObject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpdateObject")
+            .field("phase", &self.phase)
+            .field("percentage", &self.percentage)
+            .field("target", &self.target)
+            .field("message", &self.message)
+            .field("cancel", &self.cancel)
+            .finish_non_exhaustive()
+    }
 }
 
 impl UpdateObject {
     /// A freshly planned update to `target`.
     #[must_use]
-    pub fn new(target: &str) -> Self {
+    pub(crate) fn new(target: &str, shared: Arc<Shared>) -> Self {
         Self {
             phase: phase::PLANNED.to_owned(),
             percentage: 0,
             target: target.to_owned(),
             message: String::new(),
+            cancel: Arc::new(AtomicBool::new(false)),
+            shared,
         }
     }
 }
@@ -59,6 +80,33 @@ impl UpdateObject {
         self.message.clone()
     }
 
+    /// Stops the update at its next stage boundary before the switch; it then finishes with
+    /// Finished(false, ...) in phase "cancelled" and every service runs on. Refused once the
+    /// update is in phase "switch" or has finished. Needs polkit action org.kup.update.
+    async fn cancel(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), KupError> {
+        self.shared.authorize(conn, &header, ACTION_UPDATE).await?;
+        if phase::is_terminal(&self.phase) {
+            return Err(KupError::Refused(format!(
+                "kupd: the update to kernel {} has already ended ({}): there is nothing to cancel",
+                self.target, self.phase
+            )));
+        }
+        if self.phase == phase::SWITCH {
+            return Err(KupError::Refused(format!(
+                "kupd: the update to kernel {} is in phase switch: the machine is already \
+                 switching kernel and it can no longer be cancelled; wait for it (kupctl status)",
+                self.target
+            )));
+        }
+        self.cancel.store(true, Ordering::SeqCst);
+        info!(kup_target = %self.target, kup_phase = %self.phase, "update cancellation requested");
+        Ok(())
+    }
+
     /// Emitted on each progress report of the engine.
     #[zbus(signal)]
     async fn progress(
@@ -76,6 +124,11 @@ impl UpdateObject {
     ) -> zbus::Result<()>;
 }
 
+/// The number N of an update object `/org/kup/Manager1/update/N` (journal field KUP_UPDATE_ID).
+pub(crate) fn update_id(path: &OwnedObjectPath) -> &str {
+    path.as_str().rsplit('/').next().unwrap_or_default()
+}
+
 /// Runs `plan` on a blocking thread and mirrors its progress onto the object at `path`.
 pub(crate) async fn drive(
     shared: Arc<Shared>,
@@ -91,7 +144,7 @@ pub(crate) async fn drive(
     {
         Ok(iface) => iface,
         Err(err) => {
-            error!(path = %path, error = %err, "update object vanished before the engine started");
+            error!(kup_update = %path, kup_update_id = update_id(&path), kup_error = %err, "update object vanished before the engine started");
             shared.finish(FinishedUpdate {
                 path: path.to_string(),
                 target,
@@ -107,25 +160,32 @@ pub(crate) async fn drive(
 
     let (tx, mut rx) = mpsc::unbounded_channel::<(String, u32)>();
     let engine = Arc::clone(&shared.engine);
+    let cancel = Arc::clone(&iface.get().await.cancel);
     let job = tokio::task::spawn_blocking(move || {
         let progress = move |phase: &str, percentage: u32| {
             // The receiver lives until this closure is dropped; a send cannot fail before.
             let _ = tx.send((phase.to_owned(), percentage.min(100)));
         };
-        engine.run(plan, &progress)
+        let cancelled = move || cancel.load(Ordering::SeqCst);
+        engine.run_cancellable(plan, &progress, &cancelled)
     });
 
     while let Some((phase, percentage)) = rx.recv().await {
-        info!(path = %path, phase = %phase, percentage, "update progress");
+        info!(kup_update = %path, kup_update_id = update_id(&path), kup_phase = %phase, kup_percentage = percentage, "update progress");
         shared.progress(&phase, percentage);
         report(&iface, &phase, percentage).await;
     }
 
+    let mut cancelled = false;
     let (success, message) = match job.await {
         Ok(Ok(())) => (
             true,
             format!("kupd: the update to kernel {target} is done; the machine switches to it"),
         ),
+        Ok(Err(err @ EngineError::Cancelled(_))) => {
+            cancelled = true;
+            (false, err.to_string())
+        }
         Ok(Err(err @ (EngineError::Refused(_) | EngineError::Failed(_)))) => {
             (false, err.to_string())
         }
@@ -138,9 +198,9 @@ pub(crate) async fn drive(
         ),
     };
     if success {
-        info!(path = %path, target = %target, "update finished");
+        info!(kup_update = %path, kup_update_id = update_id(&path), kup_target = %target, "update finished");
     } else {
-        warn!(path = %path, target = %target, message = %message, "update failed");
+        warn!(kup_update = %path, kup_update_id = update_id(&path), kup_target = %target, kup_reason = %message, "update failed");
     }
     shared.finish(FinishedUpdate {
         path: path.to_string(),
@@ -148,7 +208,7 @@ pub(crate) async fn drive(
         success,
         message: message.clone(),
     });
-    conclude(&iface, success, &message).await;
+    conclude(&iface, success, cancelled, &message).await;
 }
 
 /// Sets Phase and Percentage, signals the changes, then emits Progress.
@@ -172,15 +232,27 @@ async fn report(iface: &InterfaceRef<UpdateObject>, phase: &str, percentage: u32
     drop(obj);
     result = result.and(UpdateObject::progress(emitter, phase, percentage).await);
     if let Err(err) = result {
-        warn!(path = %emitter.path(), error = %err, "could not signal update progress");
+        warn!(kup_update = %emitter.path(), kup_error = %err, "could not signal update progress");
     }
 }
 
 /// Moves the object to its terminal phase and emits Finished.
-async fn conclude(iface: &InterfaceRef<UpdateObject>, success: bool, message: &str) {
+async fn conclude(
+    iface: &InterfaceRef<UpdateObject>,
+    success: bool,
+    cancelled: bool,
+    message: &str,
+) {
     {
         let mut obj = iface.get_mut().await;
-        obj.phase = if success { phase::DONE } else { phase::FAILED }.to_owned();
+        obj.phase = if success {
+            phase::DONE
+        } else if cancelled {
+            phase::CANCELLED
+        } else {
+            phase::FAILED
+        }
+        .to_owned();
         if success {
             obj.percentage = 100;
         }
@@ -196,6 +268,6 @@ async fn conclude(iface: &InterfaceRef<UpdateObject>, success: bool, message: &s
     }
     .await;
     if let Err(err) = result {
-        warn!(path = %emitter.path(), error = %err, "could not signal the end of the update");
+        warn!(kup_update = %emitter.path(), kup_error = %err, "could not signal the end of the update");
     }
 }

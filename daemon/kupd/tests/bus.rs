@@ -202,6 +202,41 @@ impl Engine for FakeEngine {
         Ok(())
     }
 
+    fn run_cancellable(
+        &self,
+        plan: Plan,
+        progress: &dyn Fn(&str, u32),
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(), EngineError> {
+        // Like `run`, with a cancellation check at each boundary before the switch.
+        let stop = || cancelled().then(|| EngineError::cancelled(&plan.target));
+        progress(phase::STAGE, 10);
+        if plan.target == "hold" {
+            self.gate.wait();
+        }
+        if let Some(err) = stop() {
+            return Err(err);
+        }
+        progress(phase::PREFLIGHT, 30);
+        if plan.target == "fail" {
+            return Err(EngineError::Failed(
+                "fake: memcached.service cannot be dumped: see criu.log".into(),
+            ));
+        }
+        if let Some(err) = stop() {
+            return Err(err);
+        }
+        progress(phase::DUMP, 60);
+        if let Some(err) = stop() {
+            return Err(err);
+        }
+        progress(phase::SWITCH, 90);
+        if plan.target == "hold-switch" {
+            self.gate.wait();
+        }
+        Ok(())
+    }
+
     fn status(&self) -> StatusReport {
         StatusReport {
             running_kernel: "6.12.107-fake".into(),
@@ -620,4 +655,156 @@ async fn kupctl_says_kupd_is_not_running_when_nobody_owns_the_name() {
             .starts_with("kupd is not running: systemctl start kupd"),
         "{err}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The documented interface, CanUpdate and Cancel.
+
+/// The `<interface name="NAME">` element of an introspection document, comments dropped and
+/// whitespace normalized (one tag per line), so layout does not matter but content does.
+fn interface_element(xml: &str, name: &str) -> Option<String> {
+    let mut text = String::new();
+    let mut rest = xml;
+    while let Some(start) = rest.find("<!--") {
+        text.push_str(&rest[..start]);
+        let end = rest[start..].find("-->")? + start + 3;
+        rest = &rest[end..];
+    }
+    text.push_str(rest);
+    let open = format!("<interface name=\"{name}\">");
+    let start = text.find(&open)?;
+    let end = text[start..].find("</interface>")? + start + "</interface>".len();
+    let element = &text[start..end];
+    Some(
+        element
+            .replace('>', ">\n")
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_interfaces_match_the_checked_in_introspection_xml() {
+    let Some(s) = setup().await else { return };
+    let path = update(&s.client, "hold", HashMap::new())
+        .await
+        .expect("Update");
+    let introspect = |object: String| {
+        let conn = s.client.clone();
+        async move {
+            zbus::fdo::IntrospectableProxy::builder(&conn)
+                .destination(kup_dbus::BUS_NAME)
+                .path(object)
+                .cache_properties(CacheProperties::No)
+                .build()
+                .await
+                .expect("introspectable proxy")
+                .introspect()
+                .await
+                .expect("Introspect")
+                .to_string()
+        }
+    };
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/dbus-1/interfaces");
+    for (object, name) in [
+        (
+            kup_dbus::MANAGER_PATH.to_owned(),
+            kup_dbus::MANAGER_INTERFACE,
+        ),
+        (path.to_string(), kup_dbus::UPDATE_INTERFACE),
+    ] {
+        let live = introspect(object.clone()).await;
+        let live = interface_element(&live, name)
+            .unwrap_or_else(|| panic!("{object} does not serve {name}:\n{live}"));
+        let file = data.join(format!("{name}.xml"));
+        let doc =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let documented = interface_element(&doc, name)
+            .unwrap_or_else(|| panic!("{} has no <interface name=\"{name}\">", file.display()));
+        assert_eq!(
+            documented,
+            live,
+            "{} differs from what kupd serves; update it (and docs/DBUS.md) to:\n{live}",
+            file.display()
+        );
+    }
+    s.engine.gate.open();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn can_update_answers_without_touching_anything() {
+    let Some(s) = setup().await else { return };
+    let manager = Manager1Proxy::new(&s.client).await.expect("proxy");
+    let (can, target, reason) = manager.can_update("").await.expect("CanUpdate");
+    assert!(can, "{reason}");
+    assert_eq!(target, "9.9.9-fake");
+    assert_eq!(reason, "");
+    let (can, target, reason) = manager.can_update("refuse").await.expect("CanUpdate");
+    assert!(!can);
+    assert_eq!(target, "refuse");
+    assert!(reason.contains("install linux-image-refuse"), "{reason}");
+    // No authorization is asked, and no update object came of it.
+    assert_eq!(s.authority.checks.load(Ordering::SeqCst), 0);
+    assert!(status(&s.client).await.active_update.is_none());
+
+    let path = update(&s.client, "hold", HashMap::new())
+        .await
+        .expect("Update");
+    wait_for_phase(&s.client, phase::STAGE).await;
+    let (can, _, reason) = manager.can_update("7.3.4").await.expect("CanUpdate");
+    assert!(!can);
+    assert!(reason.contains(path.as_str()), "{reason}");
+    s.engine.gate.open();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_the_update_before_the_switch_and_not_after() {
+    let Some(s) = setup().await else { return };
+    let path = update(&s.client, "hold", HashMap::new())
+        .await
+        .expect("Update");
+    wait_for_phase(&s.client, phase::STAGE).await;
+    let proxy = update_proxy(&s.client, &path).await;
+    let mut finished = proxy.receive_finished().await.expect("subscribe");
+
+    s.authority.deny.store(true, Ordering::SeqCst);
+    let err = proxy.cancel().await.expect_err("denied");
+    assert_eq!(error_name(&err).as_deref(), Some(ERROR_NOT_AUTHORIZED));
+    s.authority.deny.store(false, Ordering::SeqCst);
+
+    proxy.cancel().await.expect("Cancel");
+    s.engine.gate.open();
+    let signal = tokio::time::timeout(TIMEOUT, finished.next())
+        .await
+        .expect("Finished arrives")
+        .expect("signal");
+    let args = signal.args().expect("args");
+    assert!(!*args.success());
+    assert!(
+        args.message().contains("cancelled before the switch"),
+        "{}",
+        args.message()
+    );
+    assert_eq!(proxy.phase().await.expect("Phase"), phase::CANCELLED);
+    let err = proxy.cancel().await.expect_err("already ended");
+    assert_eq!(error_name(&err).as_deref(), Some(ERROR_REFUSED));
+
+    // In the switch phase it is too late.
+    let s2 = setup().await.expect("second bus");
+    let path = update(&s2.client, "hold-switch", HashMap::new())
+        .await
+        .expect("Update");
+    wait_for_phase(&s2.client, phase::SWITCH).await;
+    let proxy = update_proxy(&s2.client, &path).await;
+    let err = proxy.cancel().await.expect_err("too late");
+    assert_eq!(error_name(&err).as_deref(), Some(ERROR_REFUSED));
+    let (_, message) = match err {
+        zbus::Error::MethodError(name, message, _) => (name, message.unwrap_or_default()),
+        other => panic!("{other}"),
+    };
+    assert!(message.contains("can no longer be cancelled"), "{message}");
+    s2.engine.gate.open();
 }

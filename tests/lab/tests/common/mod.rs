@@ -94,22 +94,38 @@ pub fn up_line(stdout: &str) -> (String, String) {
     (field("kernel="), field("boot="))
 }
 
-/// kup's install tree (what the Debian package will carry) plus the lab's install hook, built from
-/// this workspace's release binaries; `config` becomes /etc/kup/kup.toml.
+/// The lab's payload for a test: kup's Debian package (built by `packaging/build-deb` from this
+/// workspace's release binaries) at `/var/lib/kup-lab/kup.deb`, installed with dpkg at the guest's
+/// first boot by the lab's install hook (`/usr/lib/kup-lab/payload-install`); `config` becomes
+/// the administrator's /etc/kup/kup.toml. Tests may add more files to the tree (units, drop-ins).
 pub fn install_tree(name: &str, config: &str) -> PathBuf {
+    let tree = package_tree(name);
+    std::fs::create_dir_all(tree.join("etc/kup")).unwrap();
+    std::fs::write(tree.join("etc/kup/kup.toml"), config).unwrap();
+    tree
+}
+
+/// The package and the install hook only, with no configuration (a guest where kup arrives as
+/// a package would).
+pub fn package_tree(name: &str) -> PathBuf {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let tree = std::env::temp_dir().join(format!("kup-tree-{name}-{}", std::process::id()));
-    let st = Command::new(repo.join("packaging/install-tree"))
-        .arg(&tree)
-        .status()
-        .expect("run install-tree");
+    let _ = std::fs::remove_dir_all(&tree);
+    let debs = tree.join("var/lib/kup-lab");
+    std::fs::create_dir_all(&debs).unwrap();
+    let out = Command::new(repo.join("packaging/build-deb"))
+        .arg(&debs)
+        .output()
+        .expect("run packaging/build-deb");
     assert!(
-        st.success(),
-        "packaging/install-tree failed: build the workspace first (cargo build --release --workspace)"
+        out.status.success(),
+        "packaging/build-deb failed (build the workspace first: cargo build --release --workspace):\n{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    let deb = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    std::fs::rename(&deb, debs.join("kup.deb")).unwrap();
     let hook = tree.join("usr/lib/kup-lab/payload-install");
     std::fs::create_dir_all(hook.parent().unwrap()).unwrap();
     std::fs::copy(repo.join("tests/lab/payload/payload-install"), &hook).unwrap();
-    std::fs::write(tree.join("etc/kup/kup.toml"), config).unwrap();
     tree
 }
