@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use common::{Lab, MAJOR, NEW, OLD, free_port, memcached, up_line};
 
-/// Marked units of these tests, with pre-copy on (the final dump writes only what changed since).
-const CONFIG: &str = "[update]\nprecopy_rounds = 3\n\n[[unit]]\nname = \"memcached.service\"\n";
+/// Marked units of these tests, with everything on: pre-copy (the final dump writes only what
+/// changed since) and lazy restore (memcached resumes before its memory is back).
+const CONFIG: &str =
+    "[update]\nprecopy_rounds = 3\nrestore = \"lazy\"\n\n[[unit]]\nname = \"memcached.service\"\n";
 /// Keys loaded into memcached: ~280 MB of values of 100..5000 bytes.
 const KEYS: u32 = 110_000;
 
@@ -89,6 +91,21 @@ fn check_restored(lab: &Lab, port: u16, kernel: &str, pid_before: &str) {
         )),
         "{journal}"
     );
+    // Lazy restore: every page came in from the images, which are then released (their CRIU logs kept).
+    let lazy = lab.exec(
+        "for i in $(seq 120); do s=$(cat /run/kup/lazy/memcached.service 2>/dev/null); [ -n \"$s\" ] && break; sleep 0.5; done; echo $s",
+    );
+    assert_eq!(lazy, "complete", "lazy restore state");
+    assert_eq!(
+        lab.exec("for i in $(seq 20); do [ -e /var/lib/kup/images/memcached.service ] || break; sleep 0.5; done; test -e /var/lib/kup/images/memcached.service && echo kept || echo released"),
+        "released"
+    );
+    assert!(
+        lab.exec("ls /var/log/kup/memcached.service")
+            .contains("lazy-pages.log")
+    );
+    // The kept connections' lock is lifted.
+    assert_eq!(lab.exec("nft list tables | grep -c kup_ || true"), "0");
     // No residue: the handoff is finished, the restore drop-in is gone, the next start is a normal one.
     assert_eq!(
         lab.exec("systemctl show -p DropInPaths --value memcached"),
@@ -124,6 +141,9 @@ fn update(lab: &Lab, port: u16, cmd: &str, kernel: &str) {
         "lab: up kernel=? boot={}",
         lab.exec("cat /proc/sys/kernel/random/boot_id")
     ));
+    // A client connected before the update keeps its connection: same socket, correct answers.
+    let mut kept = memcached::Kept::open(port).expect("connect a kept client");
+    assert!(kept.get_matches(7).unwrap());
     let probe = Probe::start(port);
     let t0 = Instant::now();
     let (code, out, err) = lab.try_exec(cmd);
@@ -150,6 +170,20 @@ fn update(lab: &Lab, port: u16, cmd: &str, kernel: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
     let outage = probe.finish();
+    let t_kept = Instant::now();
+    assert!(
+        kept.get_matches(7).unwrap_or_else(|e| panic!(
+            "the connection from {} kept across the update broke: {e}",
+            kept.local_addr()
+        )),
+        "the kept connection answered key 7 wrongly"
+    );
+    assert!(kept.get_matches(KEYS - 1).unwrap());
+    eprintln!(
+        "kept connection {}: answers on the new kernel ({:.1} s after the service was back)",
+        kept.local_addr(),
+        t_kept.elapsed().as_secs_f64()
+    );
     eprintln!(
         "update to {kernel}: command -> new kernel at multi-user {:.1} s; memcached downtime seen by the host {:.1} s",
         switch.as_secs_f64(),

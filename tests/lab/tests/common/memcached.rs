@@ -111,3 +111,52 @@ pub fn answers(port: u16) -> bool {
     let mut buf = [0u8; 64];
     matches!(s.read(&mut buf), Ok(n) if n > 0 && buf.starts_with(b"VERSION"))
 }
+
+/// One client connection kept open across an update: the same TCP connection must answer after it.
+pub struct Kept {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    local: std::net::SocketAddr,
+}
+
+impl Kept {
+    pub fn open(port: u16) -> std::io::Result<Kept> {
+        let stream = connect(port)?;
+        // Long enough for a whole kernel switch plus the peer's retransmission backoff.
+        stream.set_read_timeout(Some(Duration::from_secs(300)))?;
+        let local = stream.local_addr()?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Kept {
+            stream,
+            reader,
+            local,
+        })
+    }
+
+    /// The client side's address: unchanged means the same connection.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.local
+    }
+
+    /// `get` of key number `i` on this connection: whether it came back with its exact value.
+    pub fn get_matches(&mut self, i: u32) -> std::io::Result<bool> {
+        self.stream
+            .write_all(format!("get {}\r\n", key(i)).as_bytes())?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let parts: Vec<&str> = line.trim_end().split(' ').collect();
+        if parts.first() == Some(&"END") {
+            return Ok(false);
+        }
+        if parts.len() < 4 || parts[0] != "VALUE" {
+            return Err(std::io::Error::other(format!("unexpected reply {line:?}")));
+        }
+        let len: usize = parts[3].parse().map_err(std::io::Error::other)?;
+        let mut data = vec![0u8; len + 2];
+        self.reader.read_exact(&mut data)?;
+        data.truncate(len);
+        let mut end = String::new();
+        self.reader.read_line(&mut end)?;
+        Ok(end.trim_end() == "END" && data == value(i))
+    }
+}
