@@ -34,18 +34,27 @@ pub enum Scenario {
     Switch,
     /// kup with a full CRIU dump to disk and a full restore: no pre-copy, no lazy restore.
     Naive,
-    /// kup with everything on: pre-copy, lazy restore, kept TCP connections.
+    /// kup with lazy restore and kept TCP connections (lazy restore excludes pre-copy: CRIU's
+    /// lazy-pages cannot serve pages left in pre-copy images).
     Kup,
+    /// kup with pre-copy (3 rounds) and an eager restore.
+    PreCopy,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 3] = [Scenario::Switch, Scenario::Naive, Scenario::Kup];
+    pub const ALL: [Scenario; 4] = [
+        Scenario::Switch,
+        Scenario::Naive,
+        Scenario::Kup,
+        Scenario::PreCopy,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Switch => "switch (cold restart, data lost)",
             Scenario::Naive => "naive (full dump + full restore)",
-            Scenario::Kup => "kup (pre-copy + lazy restore)",
+            Scenario::Kup => "kup (lazy restore)",
+            Scenario::PreCopy => "kup (pre-copy + eager restore)",
         }
     }
 
@@ -54,6 +63,7 @@ impl Scenario {
             Scenario::Switch => Kind::Switch,
             Scenario::Naive => Kind::Naive,
             Scenario::Kup => Kind::Kup,
+            Scenario::PreCopy => Kind::Other,
         }
     }
 
@@ -65,7 +75,10 @@ impl Scenario {
                 "[update]\nprecopy_rounds = 0\nrestore = \"eager\"\n\n[[unit]]\nname = \"memcached.service\"\n"
             }
             Scenario::Kup => {
-                "[update]\nprecopy_rounds = 3\nrestore = \"lazy\"\n\n[[unit]]\nname = \"memcached.service\"\n"
+                "[update]\nprecopy_rounds = 0\nrestore = \"lazy\"\n\n[[unit]]\nname = \"memcached.service\"\n"
+            }
+            Scenario::PreCopy => {
+                "[update]\nprecopy_rounds = 3\nrestore = \"eager\"\n\n[[unit]]\nname = \"memcached.service\"\n"
             }
         }
     }
@@ -221,7 +234,9 @@ impl LabBench {
                 "kexec -s -l /boot/vmlinuz-{v} --initrd=/boot/initrd.img-{v} --reuse-cmdline && systemctl kexec --no-block",
                 v = self.new
             ),
-            Scenario::Naive | Scenario::Kup => format!("kupctl update --kernel {}", self.new),
+            Scenario::Naive | Scenario::Kup | Scenario::PreCopy => {
+                format!("kupctl update --kernel {}", self.new)
+            }
         };
         // The guest may go down before the command's answer reaches us: the new boot tells.
         let triggered = self.exec(&trigger);

@@ -228,7 +228,8 @@ fn main() -> anyhow::Result<()> {
                     "switch" => Ok(Scenario::Switch),
                     "naive" => Ok(Scenario::Naive),
                     "kup" => Ok(Scenario::Kup),
-                    other => bail!("unknown scenario {other:?}; use switch, naive or kup"),
+                    "precopy" => Ok(Scenario::PreCopy),
+                    other => bail!("unknown scenario {other:?}; use switch, naive, kup or precopy"),
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let runs = out.join("runs");
@@ -241,7 +242,7 @@ fn main() -> anyhow::Result<()> {
                     let v = bench
                         .run(sc, mib << 20)
                         .with_context(|| format!("{} at {mib} MiB", sc.name()))?;
-                    let tag = format!("{mib:05}MiB-{:?}", sc.kind()).to_lowercase();
+                    let tag = format!("{mib:05}MiB-{sc:?}").to_lowercase();
                     v.save(&runs.join(format!("{tag}.json")))?;
                     let m = Analysis::default().metrics(&v.timeline);
                     eprintln!(

@@ -25,6 +25,10 @@ pub enum UpdateError {
     Busy(String),
     #[error("no units are marked: add [[unit]] name = \"NAME.service\" to /etc/kup/kup.toml")]
     NothingMarked,
+    #[error(
+        "precopy_rounds = {0} and restore = \"lazy\" cannot be combined: CRIU's lazy-pages cannot serve pages left in pre-copy images (the restored service would stall); fix: set precopy_rounds = 0 or restore = \"eager\" in /etc/kup/kup.toml"
+    )]
+    LazyWithPrecopy(u8),
     #[error("{unit} cannot be checkpointed: {reason}; fix: {fix}")]
     Refused {
         unit: String,
@@ -81,6 +85,11 @@ pub struct Plan {
 pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
     if settings.units.is_empty() {
         return Err(UpdateError::NothingMarked);
+    }
+    if settings.update.restore == crate::config::RestoreMode::Lazy
+        && settings.update.precopy_rounds > 0
+    {
+        return Err(UpdateError::LazyWithPrecopy(settings.update.precopy_rounds));
     }
     let id = manifest::new_handoff_id();
     let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(io("reading /proc/cmdline"))?;
@@ -203,7 +212,7 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
     }
     for (i, unit) in plan.units.iter().enumerate() {
         progress("dump", 40 + 40 * i as u32 / n);
-        match dump_unit(unit, &plan.image_dir, parents[i].as_deref(), plan.restore) {
+        match dump_unit(unit, &plan.image_dir, parents[i].as_deref()) {
             Ok(img) => {
                 m.units.push(img);
                 manifest::write_atomic(handoff, &m)?;
@@ -297,12 +306,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 /// Checkpoints one unit: its process tree stops and is written to `image_dir/UNIT` (only what
 /// changed since the pre-copy round `parent`, when given).
-fn dump_unit(
-    unit: &str,
-    image_dir: &Path,
-    parent: Option<&str>,
-    restore: crate::config::RestoreMode,
-) -> Result<UnitImage, UpdateError> {
+fn dump_unit(unit: &str, image_dir: &Path, parent: Option<&str>) -> Result<UnitImage, UpdateError> {
     let pid = systemd::main_pid(unit)?.ok_or_else(|| UpdateError::Refused {
         unit: unit.to_owned(),
         reason: "it stopped before its checkpoint".into(),
@@ -344,22 +348,6 @@ fn dump_unit(
         t.elapsed().as_secs_f64(),
         tcp.len()
     );
-    if restore == crate::config::RestoreMode::Lazy && parent.is_some() {
-        // The pre-copied pages are lazy too, not only those of the final dump.
-        match crate::criu_image::mark_parent_pages_lazy(&images) {
-            Ok(n) => tracing::info!(
-                unit,
-                "kup: {} MiB of pre-copied pages of {unit} will be restored lazily",
-                n * 4096 >> 20
-            ),
-            // Each pagemap is replaced atomically and only gains flags its parents justify: a
-            // failure leaves images that restore correctly, with those pages read eagerly.
-            Err(e) => tracing::warn!(
-                unit,
-                "kup: pre-copied pages of {unit} will be restored eagerly: {e}"
-            ),
-        }
-    }
     Ok(UnitImage {
         unit: unit.to_owned(),
         main_pid: pid,
