@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod criu;
+pub mod criu_image;
 pub mod initrd;
 pub mod install;
 pub mod kexec;

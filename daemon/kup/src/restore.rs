@@ -43,6 +43,8 @@ pub enum RestoreError {
     Notify(String),
     #[error(transparent)]
     Nft(#[from] crate::nft::NftError),
+    #[error(transparent)]
+    Images(#[from] crate::criu_image::ImageError),
     #[error("lazy restore: {0}")]
     Lazy(String),
     #[error(transparent)]
@@ -120,6 +122,7 @@ pub fn exec(unit: &str) -> Result<i32, RestoreError> {
         }
     }
     let images = PathBuf::from(&u.images);
+    crate::criu_image::check(&images)?;
     let lazy = m.restore == RestoreMode::Lazy;
     if lazy {
         start_lazy_pages(unit)?;

@@ -29,6 +29,13 @@ pub enum UpdateError {
         "precopy_rounds = {0} and restore = \"lazy\" cannot be combined: CRIU's lazy-pages cannot serve pages left in pre-copy images (the restored service would stall); fix: set precopy_rounds = 0 or restore = \"eager\" in /etc/kup/kup.toml"
     )]
     LazyWithPrecopy(u8),
+    #[error(
+        "the checkpoint of {unit} is not whole ({source}); it was restored on this kernel and nothing was switched: check the disk under the image directory and update again"
+    )]
+    Images {
+        unit: String,
+        source: crate::criu_image::ImageError,
+    },
     #[error("{unit} cannot be checkpointed: {reason}; fix: {fix}")]
     Refused {
         unit: String,
@@ -214,8 +221,17 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         progress("dump", 40 + 40 * i as u32 / n);
         match dump_unit(unit, &plan.image_dir, parents[i].as_deref()) {
             Ok(img) => {
+                let images = PathBuf::from(&img.images);
                 m.units.push(img);
                 manifest::write_atomic(handoff, &m)?;
+                // The images must be whole before the old kernel goes away.
+                if let Err(e) = crate::criu_image::check(&images) {
+                    rollback(&m);
+                    return Err(UpdateError::Images {
+                        unit: unit.clone(),
+                        source: e,
+                    });
+                }
             }
             Err(e) => {
                 rollback(&m);
