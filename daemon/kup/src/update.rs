@@ -283,6 +283,7 @@ fn precopy(unit: &str, image_dir: &Path, rounds: u8) -> Option<String> {
         if let Err(e) = criu::pre_dump(pid, &dir, parent.as_deref(), unit) {
             tracing::warn!(
                 unit,
+                kup_phase = "pre-copy",
                 round,
                 "pre-copy round failed, the final dump copies from the last good round: {e}"
             );
@@ -291,6 +292,7 @@ fn precopy(unit: &str, image_dir: &Path, rounds: u8) -> Option<String> {
         let bytes = dir_bytes(&dir);
         tracing::info!(
             unit,
+            kup_phase = "pre-copy",
             round,
             mib = bytes >> 20,
             seconds = t.elapsed().as_secs_f64(),
@@ -358,6 +360,7 @@ fn dump_unit(unit: &str, image_dir: &Path, parent: Option<&str>) -> Result<UnitI
     }
     tracing::info!(
         unit,
+        kup_phase = "dump",
         seconds = t.elapsed().as_secs_f64(),
         connections = tcp.len(),
         "kup: final dump of {unit} in {:.1} s ({} established TCP connection(s) kept)",

@@ -161,7 +161,15 @@ pub(crate) async fn drive(
     let (tx, mut rx) = mpsc::unbounded_channel::<(String, u32)>();
     let engine = Arc::clone(&shared.engine);
     let cancel = Arc::clone(&iface.get().await.cancel);
+    // What the engine logs (per unit: `unit` -> UNIT=, `kup_phase` -> KUP_PHASE=) carries the
+    // update's id and target too: `journalctl -u kupd KUP_UPDATE_ID=1 UNIT=memcached.service`.
+    let span = tracing::info_span!(
+        "update",
+        kup_update_id = update_id(&path),
+        kup_target = %target
+    );
     let job = tokio::task::spawn_blocking(move || {
+        let _in_update = span.enter();
         let progress = move |phase: &str, percentage: u32| {
             // The receiver lives until this closure is dropped; a send cannot fail before.
             let _ = tx.send((phase.to_owned(), percentage.min(100)));
