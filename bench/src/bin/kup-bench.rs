@@ -235,14 +235,25 @@ fn main() -> anyhow::Result<()> {
             let runs = out.join("runs");
             std::fs::create_dir_all(&runs)
                 .with_context(|| format!("creating {}", runs.display()))?;
+            let mut failures = Vec::new();
             for mib in &ws {
                 for &sc in &scenarios {
                     let t = Instant::now();
                     eprintln!("bench: {mib} MiB, {}", sc.name());
-                    let v = bench
-                        .run(sc, mib << 20)
-                        .with_context(|| format!("{} at {mib} MiB", sc.name()))?;
                     let tag = format!("{mib:05}MiB-{sc:?}").to_lowercase();
+                    // A failed run is a result too: it is recorded and the others still run.
+                    let v = match bench.run(sc, mib << 20) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            let why = format!("{} at {mib} MiB failed: {e:#}", sc.name());
+                            eprintln!("bench: {why}");
+                            failures.push(why.clone());
+                            let path = runs.join(format!("{tag}.failed"));
+                            std::fs::write(&path, format!("{why}\n"))
+                                .with_context(|| format!("writing {}", path.display()))?;
+                            continue;
+                        }
+                    };
                     v.save(&runs.join(format!("{tag}.json")))?;
                     let m = Analysis::default().metrics(&v.timeline);
                     eprintln!(
@@ -255,6 +266,13 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             report(&[runs], &out, "update-start".into())?;
+            if !failures.is_empty() {
+                bail!(
+                    "{} run(s) failed (recorded as runs/*.failed):\n{}",
+                    failures.len(),
+                    failures.join("\n")
+                );
+            }
         }
         Cmd::Report {
             inputs,
