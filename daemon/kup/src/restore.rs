@@ -45,6 +45,14 @@ pub enum RestoreError {
     Nft(#[from] crate::nft::NftError),
     #[error(transparent)]
     Images(#[from] crate::criu_image::ImageError),
+    #[error(
+        "{unit} kept TCP connections on {addresses}, which this boot has not configured after 60 s, so it was not restored; its images stay in {images}: check the network configuration of this boot"
+    )]
+    AddressMissing {
+        unit: String,
+        addresses: String,
+        images: String,
+    },
     #[error("lazy restore: {0}")]
     Lazy(String),
     #[error(transparent)]
@@ -123,6 +131,20 @@ pub fn exec(unit: &str) -> Result<i32, RestoreError> {
     }
     let images = PathBuf::from(&u.images);
     crate::criu_image::check(&images)?;
+    // A kept connection is restored onto its own local address: the unit's ordering (e.g. after
+    // network.target) does not promise the address is configured yet, so wait for it.
+    let missing = crate::tcp::wait_local_addresses(&u.tcp, Duration::from_secs(60));
+    if !missing.is_empty() {
+        return Err(RestoreError::AddressMissing {
+            unit: unit.to_owned(),
+            addresses: missing
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            images: images.display().to_string(),
+        });
+    }
     let lazy = m.restore == RestoreMode::Lazy;
     if lazy {
         start_lazy_pages(unit)?;

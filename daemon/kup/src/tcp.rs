@@ -93,6 +93,30 @@ pub fn established(pids: &[i32]) -> Vec<TcpConn> {
     out
 }
 
+/// The local addresses of `conns` this machine does not have (yet): binding a socket to one fails
+/// with "cannot assign requested address" until the network configuration assigns it.
+pub fn missing_local_addresses(conns: &[TcpConn]) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = conns.iter().map(|c| c.local.ip()).collect();
+    ips.sort();
+    ips.dedup();
+    ips.into_iter()
+        .filter(|ip| std::net::TcpListener::bind(SocketAddr::new(*ip, 0)).is_err())
+        .collect()
+}
+
+/// Waits up to `limit` until every local address of `conns` is assigned (a kept connection can only
+/// be restored onto its own address); returns those still missing.
+pub fn wait_local_addresses(conns: &[TcpConn], limit: std::time::Duration) -> Vec<IpAddr> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let missing = missing_local_addresses(conns);
+        if missing.is_empty() || t0.elapsed() >= limit {
+            return missing;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +158,22 @@ mod tests {
         assert!(parse_established("header\n 0: zz:1 00:2 01 x x x x x 1\n", &inodes).is_empty());
         assert_eq!(parse_addr("0100007F:0050"), "127.0.0.1:80".parse().ok());
         assert_eq!(parse_addr("7F:0050"), None);
+    }
+
+    #[test]
+    fn loopback_is_assigned_and_a_foreign_address_is_not() {
+        let c = |ip: &str| TcpConn {
+            local: format!("{ip}:11211").parse().unwrap(),
+            remote: "10.0.2.2:4000".parse().unwrap(),
+        };
+        assert!(missing_local_addresses(&[c("127.0.0.1")]).is_empty());
+        // TEST-NET-3 (RFC 5737) is never assigned to a test machine.
+        let far = c("203.0.113.77");
+        assert_eq!(missing_local_addresses(&[far]), [far.local.ip()]);
+        assert_eq!(
+            wait_local_addresses(&[far], std::time::Duration::from_millis(120)),
+            [far.local.ip()]
+        );
     }
 
     #[test]
