@@ -1,6 +1,6 @@
 //! Shared by the lab tests: a lab guest with its own run directory, and host-side clients that check
 //! services from outside the guest.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
 pub mod memcached;
 
