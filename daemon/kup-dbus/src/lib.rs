@@ -15,4 +15,6 @@ pub mod types;
 pub use error::{KupError, PayloadError};
 pub use names::*;
 pub use proxy::{Manager1Proxy, Update1Proxy};
-pub use types::{ActiveUpdate, FinishedUpdate, StatusReport, UnitReport};
+pub use types::{
+    ActiveUpdate, FallbackOf, FinishedUpdate, HandoffOutcome, StatusReport, UnitFailure, UnitReport,
+};

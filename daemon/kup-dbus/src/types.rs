@@ -27,6 +27,47 @@ pub struct StatusReport {
     pub active_update: Option<ActiveUpdate>,
     /// The last update that finished since kupd started (filled in by kupd).
     pub last_update: Option<FinishedUpdate>,
+    /// How the last restoring boot ended (restored, fell back, ...), from /var/lib/kup/last-handoff.json.
+    pub last_handoff: Option<HandoffOutcome>,
+}
+
+/// How a restoring boot ended, as kup-restore recorded it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HandoffOutcome {
+    /// The handoff restored on that boot.
+    pub id: String,
+    /// `uname -r` of that boot.
+    pub kernel: String,
+    /// `restored`, `falling-back`, `fell-back` or `failed`.
+    pub result: String,
+    /// What happened and what to do, in one sentence.
+    pub message: String,
+    /// Units that failed on that boot.
+    pub failures: Vec<UnitFailure>,
+    /// On a fallback boot: the kernel the units came back from, and why.
+    pub fallback_of: Option<FallbackOf>,
+    /// Unix seconds.
+    pub time: u64,
+}
+
+/// A unit that failed on a restoring boot, and why.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UnitFailure {
+    pub unit: String,
+    pub reason: String,
+}
+
+/// The failed handoff a fallback came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FallbackOf {
+    /// The failed handoff's id.
+    pub id: String,
+    /// The kernel the restore failed on.
+    pub kernel: String,
+    pub failures: Vec<UnitFailure>,
 }
 
 /// An update in progress, as `StatusReport::active_update` shows it.

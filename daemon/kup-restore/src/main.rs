@@ -19,6 +19,17 @@ fn main() -> Result<()> {
         kup::restore::generate(Path::new(early)).context("kup-generator")?;
         return Ok(());
     }
+    let to_journal = matches!(
+        args.get(1).map(String::as_str),
+        Some("exec" | "finish" | "lazy")
+    ) && kup::logging::init("kup-restore") == kup::logging::LogTarget::Journal;
+    // Fault tests: failpoints named on this kernel's command line (`kup.failpoints=`).
+    #[cfg(feature = "failpoints")]
+    match kup::failpoints::arm_from_cmdline() {
+        Ok(armed) if !armed.is_empty() => eprintln!("kup: failpoints armed: {}", armed.join(", ")),
+        Ok(_) => {}
+        Err(e) => eprintln!("kup: failpoints not armed: {e}"),
+    }
     match args.get(1).map(String::as_str) {
         Some("exec") => {
             let unit = args.get(2).context("usage: kup-restore exec UNIT")?;
@@ -40,10 +51,13 @@ fn main() -> Result<()> {
             let n = kup::restore::netlock().context("locking the kept TCP connections")?;
             println!("kup: {n} established TCP connection(s) held until their units are restored");
         }
-        Some("finish") => println!(
-            "kup: {}",
-            kup::restore::finish().context("finishing the handoff")?
-        ),
+        Some("finish") => {
+            let msg = kup::restore::finish().context("finishing the handoff")?;
+            // In the journal already, with its structured fields.
+            if !to_journal {
+                println!("kup: {msg}");
+            }
+        }
         Some("generator") => {
             let early = args
                 .get(3)

@@ -15,6 +15,8 @@
 //! precopy_rounds = 0                      # 0..=16
 //! restore = "eager"                       # or "lazy": resume first, pages arrive on demand
 //! auto = "off"                            # after a kernel install: "off", "timer" or "now"
+//! health_timeout = 60                     # seconds a unit's health command may take
+//! grace = 5                               # seconds a restored unit must stay up before the boot is blessed
 //!
 //! [[unit]]
 //! name = "memcached.service"
@@ -30,6 +32,10 @@ use serde::{Deserialize, Deserializer};
 
 /// Highest accepted `precopy_rounds`.
 pub const MAX_PRECOPY_ROUNDS: u8 = 16;
+/// Default `health_timeout`, seconds.
+pub const DEFAULT_HEALTH_TIMEOUT: u16 = 60;
+/// Default `grace`, seconds.
+pub const DEFAULT_GRACE: u16 = 5;
 /// Default `image_dir`.
 pub const DEFAULT_IMAGE_DIR: &str = "/var/lib/kup/images";
 
@@ -200,6 +206,11 @@ pub struct UpdateSettings {
     pub restore: RestoreMode,
     /// What happens after a kernel package installs a kernel (`auto`; see [`crate::install`]).
     pub auto: crate::install::Auto,
+    /// Seconds a unit's `health` command may run on the new kernel before it counts as failed.
+    pub health_timeout: u16,
+    /// Seconds every restored unit must stay active with its restored main PID, after the health
+    /// checks, before the new kernel is blessed (else: fallback to the previous kernel).
+    pub grace: u16,
 }
 
 impl Default for UpdateSettings {
@@ -212,6 +223,8 @@ impl Default for UpdateSettings {
             precopy_rounds: 0,
             restore: RestoreMode::Eager,
             auto: crate::install::Auto::Off,
+            health_timeout: DEFAULT_HEALTH_TIMEOUT,
+            grace: DEFAULT_GRACE,
         }
     }
 }
@@ -265,6 +278,10 @@ pub struct UpdateFragment {
     pub restore: Option<RestoreMode>,
     #[serde(default, deserialize_with = "de_auto")]
     pub auto: Option<crate::install::Auto>,
+    #[serde(default, deserialize_with = "de_health_timeout")]
+    pub health_timeout: Option<u16>,
+    #[serde(default, deserialize_with = "de_grace")]
+    pub grace: Option<u16>,
 }
 
 /// Parses one file's text. `path` is only used in error messages.
@@ -319,6 +336,12 @@ impl Settings {
         }
         if let Some(auto) = u.auto {
             self.update.auto = auto;
+        }
+        if let Some(t) = u.health_timeout {
+            self.update.health_timeout = t;
+        }
+        if let Some(g) = u.grace {
+            self.update.grace = g;
         }
         for unit in fragment.units {
             match self.units.iter_mut().find(|u| u.name == unit.name) {
@@ -480,6 +503,30 @@ fn de_precopy_rounds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u8>, D::E
     }
 }
 
+/// Seconds in `lo..=hi` for `key`.
+fn de_seconds<'de, D: Deserializer<'de>>(
+    d: D,
+    key: &str,
+    lo: u16,
+    hi: u16,
+) -> Result<Option<u16>, D::Error> {
+    let n = i64::deserialize(d)?;
+    match u16::try_from(n) {
+        Ok(s) if (lo..=hi).contains(&s) => Ok(Some(s)),
+        _ => Err(serde::de::Error::custom(format!(
+            "{key} = {n} is out of range; give seconds from {lo} to {hi}"
+        ))),
+    }
+}
+
+fn de_health_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    de_seconds(d, "health_timeout", 1, 3600)
+}
+
+fn de_grace<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    de_seconds(d, "grace", 0, 600)
+}
+
 fn de_restore<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RestoreMode>, D::Error> {
     match String::deserialize(d)?.as_str() {
         "eager" => Ok(Some(RestoreMode::Eager)),
@@ -516,6 +563,8 @@ image_dir = "/srv/kup"
 extra_cmdline = "quiet"
 precopy_rounds = 3
 restore = "lazy"
+health_timeout = 20
+grace = 0
 
 [[unit]]
 name = "memcached.service"
@@ -533,6 +582,7 @@ name = "redis-server.service"
         assert_eq!(s.update.extra_cmdline, "quiet");
         assert_eq!(s.update.precopy_rounds, 3);
         assert_eq!(s.update.restore, RestoreMode::Lazy);
+        assert_eq!((s.update.health_timeout, s.update.grace), (20, 0));
         assert_eq!(s.units.len(), 2);
         assert_eq!(
             s.unit("memcached.service").unwrap().health.as_deref(),
@@ -703,6 +753,8 @@ name = "redis-server.service"
             ("kernel = \"../x\"", "not a kernel version"),
             ("extra_cmdline = \"kup.handoff=x\"", "kup sets itself"),
             ("precopy_rounds = \"3\"", "invalid type"),
+            ("health_timeout = 0", "give seconds from 1 to 3600"),
+            ("grace = 601", "give seconds from 0 to 600"),
         ];
         for (line, why) in cases {
             let err = parse_fragment(p("v.toml"), &format!("\n[update]\n{line}\n")).unwrap_err();

@@ -4,9 +4,13 @@
 pub mod config;
 pub mod criu;
 pub mod criu_image;
+#[cfg(feature = "failpoints")]
+pub mod failpoints;
+pub mod fallback;
 pub mod initrd;
 pub mod install;
 pub mod kexec;
+pub mod logging;
 pub mod manifest;
 pub mod nft;
 pub mod restore;

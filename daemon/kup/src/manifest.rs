@@ -42,7 +42,52 @@ pub struct Manifest {
     /// How the next kernel brings the memory back.
     #[serde(default)]
     pub restore: crate::config::RestoreMode,
+    /// What the boot that restores must check before it is blessed (health timeout, grace).
+    #[serde(default)]
+    pub checks: Checks,
+    /// Set when this handoff is itself a fallback: the kernel that failed and why. A fallback
+    /// handoff that fails again does not bounce back; it keeps the images and reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<FallbackOf>,
     pub units: Vec<UnitImage>,
+}
+
+/// The checks a restoring boot runs before it blesses the handoff (from `[update]` at dump time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Checks {
+    /// Seconds each unit's health command may take.
+    pub health_timeout: u16,
+    /// Seconds every restored unit must then stay active with its restored main PID.
+    pub grace: u16,
+}
+
+impl Default for Checks {
+    fn default() -> Self {
+        Self {
+            health_timeout: crate::config::DEFAULT_HEALTH_TIMEOUT,
+            grace: crate::config::DEFAULT_GRACE,
+        }
+    }
+}
+
+/// Why a fallback handoff was made: the handoff that failed, on which kernel, and each unit's
+/// failure there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FallbackOf {
+    /// The failed handoff's id.
+    pub id: String,
+    /// `uname -r` of the kernel the restore failed on.
+    pub kernel: String,
+    /// `(unit, reason)` for each unit that failed there.
+    pub failures: Vec<UnitFailure>,
+}
+
+/// One unit's failure on a restoring boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitFailure {
+    pub unit: String,
+    pub reason: String,
 }
 
 /// One checkpointed unit.
@@ -65,6 +110,9 @@ pub struct UnitImage {
     /// Established TCP connections at dump time: locked on the next kernel until the restore.
     #[serde(default)]
     pub tcp: Vec<crate::tcp::TcpConn>,
+    /// The unit's `health` command: must exit 0 after the restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
     pub state: UnitState,
 }
 
@@ -278,6 +326,18 @@ mod tests {
             backend: "disk".to_string(),
             image_dir: "/var/lib/kup/images/1767225600-3f9a2c1b".to_string(),
             restore: crate::config::RestoreMode::Lazy,
+            checks: Checks {
+                health_timeout: 30,
+                grace: 2,
+            },
+            fallback: Some(FallbackOf {
+                id: "1767225000-00000001".to_string(),
+                kernel: "6.12.117+deb13-cloud-amd64".to_string(),
+                failures: vec![UnitFailure {
+                    unit: "redis-server.service".to_string(),
+                    reason: "health check failed".to_string(),
+                }],
+            }),
             units: vec![
                 UnitImage {
                     unit: "memcached.service".to_string(),
@@ -293,6 +353,7 @@ mod tests {
                         local: "10.0.2.15:11211".parse().unwrap(),
                         remote: "10.0.2.2:40000".parse().unwrap(),
                     }],
+                    health: Some("memcached-tool 127.0.0.1 stats".to_string()),
                     state: UnitState::Dumped,
                 },
                 UnitImage {
@@ -303,6 +364,7 @@ mod tests {
                     external: vec![],
                     inherit: vec![],
                     tcp: vec![],
+                    health: None,
                     state: UnitState::Failed("criu said no".to_string()),
                 },
             ],
@@ -317,6 +379,23 @@ mod tests {
         assert!(text.contains("\"state\": \"dumped\""), "{text}");
         assert!(text.contains("\"failed\": \"criu said no\""), "{text}");
         assert_eq!(Manifest::from_json(&json).unwrap(), m);
+    }
+
+    #[test]
+    fn a_manifest_from_before_the_checks_reads_with_the_defaults() {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&sample().to_json().unwrap()).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("checks");
+        o.remove("fallback");
+        let m = Manifest::from_json(&serde_json::to_vec(&v).unwrap()).unwrap();
+        assert_eq!(m.checks, Checks::default());
+        assert_eq!(m.fallback, None);
+        let text = String::from_utf8(m.to_json().unwrap()).unwrap();
+        assert!(
+            !text.contains("\"fallback\""),
+            "no fallback field unless one: {text}"
+        );
     }
 
     #[test]

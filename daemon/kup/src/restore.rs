@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::config::RestoreMode;
 use crate::manifest::{self, UnitState};
 use crate::update::{HANDOFF_DIR, NO_RESTART, RUN_DIR};
-use crate::{criu, nft, systemd};
+use crate::{criu, fallback, nft, systemd};
 
 /// Where kup-restore is installed.
 pub const KUP_RESTORE: &str = "/usr/lib/kup/kup-restore";
@@ -55,6 +55,11 @@ pub enum RestoreError {
     },
     #[error("lazy restore: {0}")]
     Lazy(String),
+    #[cfg(feature = "failpoints")]
+    #[error("failpoint {0} (a fault test)")]
+    Injected(String),
+    #[error("{0}")]
+    NotRestored(String),
     #[error(transparent)]
     Io(#[from] crate::IoError),
 }
@@ -112,8 +117,22 @@ pub fn generate(early_dir: &Path) -> Result<usize, RestoreError> {
 
 /// `kup-restore exec UNIT`: runs as the unit's ExecStart (full privileges, in the unit's cgroup) while
 /// the holder from ExecStartPre= keeps the unit's fresh sandbox; restores the checkpoint inside it and
-/// hands systemd the restored main PID. Returns that PID.
+/// hands systemd the restored main PID. Returns that PID. A failure is recorded in the manifest
+/// (the unit's state), where `finish` finds it.
 pub fn exec(unit: &str) -> Result<i32, RestoreError> {
+    let restored = restore_unit(unit);
+    if let Err(e) = &restored {
+        if let Ok(mut m) = manifest::read(Path::new(HANDOFF_DIR)) {
+            if let Some(entry) = m.unit_mut(unit) {
+                entry.state = UnitState::Failed(e.to_string());
+                let _ = manifest::write_atomic(Path::new(HANDOFF_DIR), &m);
+            }
+        }
+    }
+    restored
+}
+
+fn restore_unit(unit: &str) -> Result<i32, RestoreError> {
     let m = manifest::read(Path::new(HANDOFF_DIR))?;
     let u = m
         .unit(unit)
@@ -145,6 +164,9 @@ pub fn exec(unit: &str) -> Result<i32, RestoreError> {
             images: images.display().to_string(),
         });
     }
+    fail::fail_point!("restore-exec", |_| Err(RestoreError::Injected(
+        "restore-exec".into()
+    )));
     let lazy = m.restore == RestoreMode::Lazy;
     if lazy {
         start_lazy_pages(unit)?;
@@ -315,28 +337,56 @@ pub fn restore_in_place(unit: &str) -> Result<(), RestoreError> {
     started.map(|_| ()).map_err(RestoreError::from)
 }
 
-/// After kup-restore.target: when every unit is restored, the handoff is done: the images are
-/// released and the drop-ins disappear (a later crash or reboot starts units normally).
+/// After kup-restore.target (kup-restore-finish.service): verifies the restore (every unit
+/// restored, healthy, still up after the grace period; [`fallback::verify`]). When it holds, the
+/// handoff is done: the images are released and the drop-ins disappear (a later crash or reboot
+/// starts units normally). When it does not, the units go back to the previous kernel
+/// ([`fallback::fall_back`]); a fallback handoff that fails again keeps the images and reports.
 pub fn finish() -> Result<String, RestoreError> {
     let Some(id) = pending() else {
         return Ok("no handoff pending".into());
     };
     let dir = Path::new(HANDOFF_DIR);
     let m = manifest::read(dir)?;
-    let failed: Vec<&str> = m
-        .units
-        .iter()
-        .filter(|u| u.state != UnitState::Restored)
-        .map(|u| u.unit.as_str())
-        .collect();
     let _ = std::fs::remove_file(Path::new(RUN_DIR).join("pending"));
-    for u in &m.units {
-        nft::unlock(&u.unit);
-    }
-    if !failed.is_empty() {
-        std::fs::write(Path::new(RUN_DIR).join("failed"), failed.join("\n"))
-            .map_err(io("recording failed units"))?;
-        return Ok(format!("handoff {id}: not restored: {}", failed.join(", ")));
+    let failures = fallback::verify(&m);
+    fallback::unlock_running(&m, &failures);
+    if !failures.is_empty() {
+        let list = failures
+            .iter()
+            .map(|f| format!("{}: {}", f.unit, f.reason))
+            .collect::<Vec<_>>()
+            .join("; ");
+        std::fs::write(
+            Path::new(RUN_DIR).join("failed"),
+            failures
+                .iter()
+                .map(|f| format!("{}\n", f.unit))
+                .collect::<String>(),
+        )
+        .map_err(io("recording failed units"))?;
+        if let Some(of) = &m.fallback {
+            let msg = format!(
+                "handoff {id}, the fallback from {} to this kernel, failed too ({list}); nothing more happens automatically: the images stay in {} for a manual restore (see docs/RELIABILITY.md)",
+                of.kernel, m.image_dir
+            );
+            fallback::record(&m, fallback::Verdict::Failed, &msg, &failures);
+            return Err(RestoreError::NotRestored(msg));
+        }
+        return match fallback::fall_back(&m, &failures) {
+            Ok(how) => {
+                let msg = format!("handoff {id} failed on this kernel ({list}); {how}");
+                fallback::record(&m, fallback::Verdict::FallingBack, &msg, &failures);
+                Ok(msg)
+            }
+            Err(e) => {
+                let msg = format!(
+                    "handoff {id} failed on this kernel ({list}), and the fallback could not start: {e}"
+                );
+                fallback::record(&m, fallback::Verdict::Failed, &msg, &failures);
+                Err(RestoreError::NotRestored(msg))
+            }
+        };
     }
     for u in &m.units {
         // A lazily restored unit's pages may still be coming from its images: its server releases
@@ -352,7 +402,27 @@ pub fn finish() -> Result<String, RestoreError> {
     let _ = std::fs::remove_dir_all(&done);
     std::fs::rename(dir, &done).map_err(io("retiring the handoff directory"))?;
     systemd::systemctl(&["daemon-reload", "--no-block"])?;
-    Ok(format!("handoff {id}: {} unit(s) restored", m.units.len()))
+    let (verdict, msg) = match &m.fallback {
+        Some(of) => (
+            fallback::Verdict::FellBack,
+            format!(
+                "handoff {id}: fell back from {} to this kernel; {} unit(s) restored here. What failed there: {}",
+                of.kernel,
+                m.units.len(),
+                of.failures
+                    .iter()
+                    .map(|f| format!("{}: {}", f.unit, f.reason))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        ),
+        None => (
+            fallback::Verdict::Restored,
+            format!("handoff {id}: {} unit(s) restored", m.units.len()),
+        ),
+    };
+    fallback::record(&m, verdict, &msg, &[]);
+    Ok(msg)
 }
 
 /// Where CRIU's logs of the last handoff are kept, per unit, once the images are released.

@@ -46,6 +46,14 @@ pub enum UpdateError {
         "the target kernel's initrd {initrd} lacks kup's dracut module, so the new kernel could not restore; fix: dracut -f --kver {version} (with kup installed)"
     )]
     InitrdWithoutModule { initrd: String, version: String },
+    #[error(
+        "the running kernel {version} cannot be the fallback if the restore fails on the new one: {reason}; fix: {fix}"
+    )]
+    NoFallback {
+        version: String,
+        reason: String,
+        fix: String,
+    },
     #[error(transparent)]
     Stage(#[from] stage::StageError),
     #[error("checkpoint of {unit} failed, every unit was left running: {source}")]
@@ -79,12 +87,15 @@ pub struct Request {
 pub struct Plan {
     pub id: String,
     pub target: stage::Target,
-    pub units: Vec<String>,
+    /// The marked units, with their health commands.
+    pub units: Vec<crate::config::UnitSettings>,
     pub image_dir: PathBuf,
     /// Pre-copy rounds before the final dump (0 = none).
     pub precopy_rounds: u8,
     /// How the next kernel brings the memory back.
     pub restore: crate::config::RestoreMode,
+    /// What the new kernel checks before it is blessed.
+    pub checks: manifest::Checks,
 }
 
 /// Stage + preflight: resolves the target and checks everything that can be checked while every
@@ -121,14 +132,50 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
             version: target.version.clone(),
         });
     }
+    preflight_fallback(&running_kernel())?;
     Ok(Plan {
         id,
         target,
-        units: settings.units.iter().map(|u| u.name.clone()).collect(),
+        units: settings.units.clone(),
         image_dir: settings.update.image_dir.clone(),
         precopy_rounds: settings.update.precopy_rounds,
         restore: settings.update.restore,
+        checks: manifest::Checks {
+            health_timeout: settings.update.health_timeout,
+            grace: settings.update.grace,
+        },
     })
+}
+
+/// `uname -r` of the running kernel.
+pub fn running_kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// The running kernel is where the units go back if they cannot be restored on the new one: its
+/// image must be installed and its initrd must carry kup's hook.
+fn preflight_fallback(version: &str) -> Result<(), UpdateError> {
+    let refuse = |reason: String, fix: String| UpdateError::NoFallback {
+        version: version.to_owned(),
+        reason,
+        fix,
+    };
+    let image = stage::resolve_kernel(Path::new(stage::BOOT_DIR), Some(version)).map_err(|e| {
+        refuse(
+            e.to_string(),
+            format!("reinstall the package of kernel {version} (its image and initrd in /boot)"),
+        )
+    })?;
+    if !initrd_has_module(&image.initrd) {
+        return Err(refuse(
+            format!("its initrd {} lacks kup's hook", image.initrd.display()),
+            "kupctl initrds --fix".to_owned(),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks one marked unit: loaded, running, and of a kind kup can restore.
@@ -192,10 +239,7 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        from_kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_owned(),
+        from_kernel: running_kernel(),
         to_kernel: plan.target.version.clone(),
         cmdline_old: std::fs::read_to_string("/proc/cmdline")
             .unwrap_or_default()
@@ -204,6 +248,8 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         backend: "disk".into(),
         image_dir: plan.image_dir.display().to_string(),
         restore: plan.restore,
+        checks: plan.checks,
+        fallback: None,
         units: Vec::new(),
     };
     manifest::write_atomic(handoff, &m)?;
@@ -215,31 +261,56 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         if plan.precopy_rounds > 0 {
             progress("pre-copy", 5 + 30 * i as u32 / n);
         }
-        parents.push(precopy(unit, &plan.image_dir, plan.precopy_rounds));
+        parents.push(precopy(&unit.name, &plan.image_dir, plan.precopy_rounds));
     }
     for (i, unit) in plan.units.iter().enumerate() {
         progress("dump", 40 + 40 * i as u32 / n);
-        match dump_unit(unit, &plan.image_dir, parents[i].as_deref()) {
-            Ok(img) => {
-                let images = PathBuf::from(&img.images);
-                m.units.push(img);
-                manifest::write_atomic(handoff, &m)?;
-                // The images must be whole before the old kernel goes away.
-                if let Err(e) = crate::criu_image::check(&images) {
-                    rollback(&m);
-                    return Err(UpdateError::Images {
-                        unit: unit.clone(),
-                        source: e,
-                    });
-                }
-            }
+        let images = plan.image_dir.join(&unit.name);
+        let mut img = match dump_unit(&unit.name, &images, parents[i].as_deref()) {
+            Ok(img) => img,
             Err(e) => {
                 rollback(&m);
                 return Err(e);
             }
+        };
+        img.health.clone_from(&unit.health);
+        m.units.push(img);
+        manifest::write_atomic(handoff, &m)?;
+        // The images must be whole before the old kernel goes away.
+        if let Err(e) = check_images(&unit.name, &images) {
+            rollback(&m);
+            return Err(e);
         }
     }
-    // What the early boot reads without parsing JSON: which handoff this is, and the PID floor.
+    write_boot_files(&m)?;
+    progress("switch", 90);
+    if let Err(e) = kexec::load(&plan.target).and_then(|()| kexec::switch()) {
+        kexec::unload();
+        rollback(&m);
+        return Err(UpdateError::Switch(e));
+    }
+    Ok(())
+}
+
+/// The image check of one unit's fresh checkpoint ([`crate::criu_image::check`]).
+pub(crate) fn check_images(unit: &str, images: &Path) -> Result<(), UpdateError> {
+    // Fault tests: damage the checkpoint the way a bad disk would (a pages file one page short).
+    #[cfg(feature = "failpoints")]
+    if fail::eval("images-corrupt", |_| ()).is_some() {
+        crate::failpoints::truncate_pages(images);
+    }
+    crate::criu_image::check(images)
+        .map(|_| ())
+        .map_err(|source| UpdateError::Images {
+            unit: unit.to_owned(),
+            source,
+        })
+}
+
+/// What the early boot reads without parsing JSON, beside the manifest: which handoff this is, and
+/// the PID floor (every PID of a dumped tree stays free). Synced to disk with everything before.
+pub(crate) fn write_boot_files(m: &Manifest) -> Result<(), UpdateError> {
+    let handoff = Path::new(HANDOFF_DIR);
     let floor = m
         .units
         .iter()
@@ -254,12 +325,6 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
     write("pid-floor", format!("{floor}\n"))?;
     write("id", format!("{}\n", m.id))?;
     nix::unistd::sync();
-    progress("switch", 90);
-    if let Err(e) = kexec::load(&plan.target).and_then(|()| kexec::switch()) {
-        kexec::unload();
-        rollback(&m);
-        return Err(UpdateError::Switch(e));
-    }
     Ok(())
 }
 
@@ -322,20 +387,23 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Checkpoints one unit: its process tree stops and is written to `image_dir/UNIT` (only what
-/// changed since the pre-copy round `parent`, when given).
-fn dump_unit(unit: &str, image_dir: &Path, parent: Option<&str>) -> Result<UnitImage, UpdateError> {
+/// Checkpoints one unit: its process tree stops and is written to `images` (only what changed
+/// since the pre-copy round `parent`, a directory relative to `images`, when given).
+pub(crate) fn dump_unit(
+    unit: &str,
+    images: &Path,
+    parent: Option<&str>,
+) -> Result<UnitImage, UpdateError> {
     let pid = systemd::main_pid(unit)?.ok_or_else(|| UpdateError::Refused {
         unit: unit.to_owned(),
         reason: "it stopped before its checkpoint".into(),
         fix: format!("systemctl start {unit} and update again"),
     })?;
-    let images = image_dir.join(unit);
     if parent.is_none() && images.exists() {
-        std::fs::remove_dir_all(&images)
+        std::fs::remove_dir_all(images)
             .map_err(io(format!("removing old images {}", images.display())))?;
     }
-    std::fs::create_dir_all(&images).map_err(io(format!("creating {}", images.display())))?;
+    std::fs::create_dir_all(images).map_err(io(format!("creating {}", images.display())))?;
     let dump_err = |source| UpdateError::Dump {
         unit: unit.to_owned(),
         source,
@@ -350,7 +418,7 @@ fn dump_unit(unit: &str, image_dir: &Path, parent: Option<&str>) -> Result<UnitI
     let t = std::time::Instant::now();
     // Read while CRIU holds the tree frozen after its dump: exactly the connections in the images.
     let mut tcp = Vec::new();
-    if let Err(e) = criu::dump(pid, &images, &stdio, parent, unit, &mut || {
+    if let Err(e) = criu::dump(pid, images, &stdio, parent, unit, &mut || {
         tcp = crate::tcp::established(&pids)
     }) {
         // CRIU resumes the tree when a dump fails: the unit is still running as before.
@@ -375,12 +443,13 @@ fn dump_unit(unit: &str, image_dir: &Path, parent: Option<&str>) -> Result<UnitI
         external: stdio.external,
         inherit: stdio.inherit,
         tcp,
+        health: None,
         state: UnitState::Dumped,
     })
 }
 
 /// Restores every dumped unit on this kernel after a failure before the switch.
-fn rollback(m: &Manifest) {
+pub(crate) fn rollback(m: &Manifest) {
     for u in &m.units {
         if let Err(e) = restore::restore_in_place(&u.unit) {
             tracing::error!(unit = %u.unit, "rollback restore failed: {e}");

@@ -39,6 +39,12 @@ pub fn status_text(status: &StatusReport) -> String {
             format!("to {} {how}: {}", last.target, last.message),
         ));
     }
+    if let Some(h) = &status.last_handoff {
+        rows.push((
+            "last handoff",
+            format!("{} on {}: {}", h.result, h.kernel, h.message),
+        ));
+    }
     for note in &status.notes {
         rows.push(("note", note.clone()));
     }

@@ -19,7 +19,7 @@ pub fn command() -> Command {
              and org.kup.dry-run).",
         )
         .after_long_help(
-            "ENVIRONMENT:\n  KUPD_LOG  tracing filter, e.g. kupd=debug (default: info)\n\n\
+            "ENVIRONMENT:\n  KUP_LOG   tracing filter, e.g. kupd=debug (default: info)\n\n\
              LOGGING:\n  kupd logs to the journal with structured fields: UNIT=, KUP_PHASE=, \
              KUP_UPDATE_ID=, KUP_TARGET=; e.g. journalctl -u kupd KUP_PHASE=dump\n\n\
              FILES:\n  /etc/kup/kup.toml, /etc/kup/kup.d/*.toml, /usr/lib/kup/kup.toml  \

@@ -10,7 +10,6 @@ use zbus::Connection;
 
 use crate::authority::PolkitAuthority;
 use crate::engine::{Engine, default_engine};
-use crate::logging;
 use crate::service::serve;
 
 /// Entry point of the `kupd` binary.
@@ -18,7 +17,13 @@ use crate::service::serve;
 pub fn main() -> ExitCode {
     // --help, --version and unknown arguments (exit status 2) are clap's.
     crate::cli::command().get_matches();
-    logging::init();
+    kup::logging::init("kupd");
+    #[cfg(feature = "failpoints")]
+    match kup::failpoints::arm_from_cmdline() {
+        Ok(armed) if !armed.is_empty() => tracing::warn!("failpoints armed: {}", armed.join(", ")),
+        Ok(_) => {}
+        Err(e) => error!("failpoints not armed: {e}"),
+    }
     match run(default_engine()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -65,7 +65,11 @@ impl Engine for KupEngine {
         let restored_handoff = std::fs::read_to_string("/var/lib/kup/handoff.done/id")
             .ok()
             .map(|s| s.trim().to_owned());
+        let last_handoff = std::fs::read(kup::fallback::OUTCOME_FILE)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
         StatusReport {
+            last_handoff,
             running_kernel: running_kernel(),
             default_target,
             marked_units: marked,

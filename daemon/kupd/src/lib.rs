@@ -8,7 +8,6 @@ pub mod cli;
 pub mod daemon;
 pub mod engine;
 pub mod kup_engine;
-pub mod logging;
 pub mod manager;
 pub mod service;
 pub mod update;

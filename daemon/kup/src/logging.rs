@@ -1,6 +1,7 @@
-//! Logging: structured records to the journal, or plain lines on stderr without a journal.
+//! Logging of kup's programs (kupd, kup-restore): structured records to the journal, or plain lines
+//! on stderr without a journal.
 //!
-//! Every field kupd logs is named `kup_*` (journal: `KUP_*`, e.g. KUP_PHASE=, KUP_UPDATE_ID=,
+//! Every field kup logs is named `kup_*` (journal: `KUP_*`, e.g. KUP_PHASE=, KUP_UPDATE_ID=,
 //! KUP_TARGET=, KUP_CALLER=), or `unit` (UNIT=) for a systemd unit, so none collides with the
 //! journal's own fields (MESSAGE=, TARGET= of tracing, CODE_*).
 
@@ -12,7 +13,7 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// Environment variable holding a tracing filter (e.g. `kupd=debug,zbus=info`); default `info`.
-pub const LOG_ENV: &str = "KUPD_LOG";
+pub const LOG_ENV: &str = "KUP_LOG";
 
 const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
 
@@ -25,8 +26,9 @@ pub enum LogTarget {
     Stderr,
 }
 
-/// Installs the global subscriber (once; later calls change nothing) and says where logs go.
-pub fn init() -> LogTarget {
+/// Installs the global subscriber (once; later calls change nothing) with `identifier` as the
+/// journal's SYSLOG_IDENTIFIER=, and says where logs go.
+pub fn init(identifier: &str) -> LogTarget {
     let filter = EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new("info"));
     let journald = if Path::new(JOURNAL_SOCKET).exists() {
         tracing_journald::layer()
@@ -35,7 +37,7 @@ pub fn init() -> LogTarget {
             // KUP_TARGET=, UNIT=...), so `journalctl -u kupd KUP_PHASE=dump` finds them.
             .map(|layer| {
                 layer
-                    .with_syslog_identifier("kupd".to_owned())
+                    .with_syslog_identifier(identifier.to_owned())
                     .with_field_prefix(None)
             })
     } else {

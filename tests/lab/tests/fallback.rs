@@ -1,0 +1,153 @@
+//! Lab acceptance tests of fallback (a), the restore fails on the new kernel: the new kernel sends
+//! every unit back to the kernel it came from, which restores them there; the administrator finds
+//! the old kernel running, memcached with the same PID and every key (checked from the host, on a
+//! connection opened before the update), and `kupctl status` saying what failed on the new kernel.
+//! One row per injected fault (docs/RELIABILITY.md).
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::time::Instant;
+
+use common::{Lab, NEW, OLD, free_port, memcached, up_line};
+
+const KEYS: u32 = 20_000;
+
+/// memcached marked with a health command that fails on the new kernel only (a service that is
+/// not healthy there), restored lazily.
+fn unhealthy_on_new() -> String {
+    format!(
+        "[update]\nrestore = \"lazy\"\ngrace = 3\n\n[[unit]]\nname = \"memcached.service\"\nhealth = \"test \\\"$(uname -r)\\\" != {NEW} || {{ echo unhealthy on {NEW}; exit 1; }}\"\n"
+    )
+}
+
+/// memcached marked, restored eagerly, with a health command that passes everywhere.
+const EAGER: &str = "[update]\nrestore = \"eager\"\ngrace = 3\n\n[[unit]]\nname = \"memcached.service\"\nhealth = \"printf 'stats\\\\r\\\\nquit\\\\r\\\\n' | nc -q1 127.0.0.1 11211 | grep -q curr_items\"\n";
+
+/// Runs an update to NEW that must fail there and come back to OLD; checks what the administrator
+/// finds. `why` is a piece of the reason kup must report for the failure on NEW.
+fn falls_back(lab: &Lab, port: u16, config: &str, cmd: &str, why: &str) {
+    lab.exec(&format!("cat > /etc/kup/kup.toml <<'EOF'\n{config}EOF"));
+    assert_eq!(lab.exec("uname -r"), OLD);
+    let pid = lab.exec("systemctl show -p MainPID --value memcached");
+    let mut kept = memcached::Kept::open(port).expect("connect a kept client");
+    assert!(kept.get_matches(3).unwrap());
+    let t0 = Instant::now();
+    let (code, out, err) = lab.try_exec(cmd);
+    eprint!("{out}{err}");
+    assert!(
+        code == 0 || code == 255,
+        "{cmd} failed with {code}:\n{out}\n{err}"
+    );
+    // Two kernel switches: to NEW, which fails and falls back, then to OLD.
+    let (kernel, _) = up_line(&lab.ok(&["wait", "--timeout", "600"]));
+    eprintln!(
+        "{cmd}: back at multi-user on {kernel} after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(kernel, OLD, "the guest fell back to the previous kernel");
+    // The boot before this one was NEW, and it failed the way the test made it fail.
+    let prev = lab.exec("journalctl -b -1 -k -o cat --no-pager | grep -m1 'Linux version' || true");
+    assert!(prev.contains(NEW), "the previous boot ran {NEW}: {prev}");
+    let finish = lab.exec("journalctl -b -1 -u kup-restore-finish -o cat --no-pager");
+    eprintln!("on {NEW}:\n{finish}");
+    assert!(finish.contains("failed on this kernel"), "{finish}");
+    assert!(finish.contains(why), "{finish}");
+    assert!(
+        finish.contains(&format!("falling back to {OLD}")),
+        "{finish}"
+    );
+    let phase = lab.exec("journalctl -b -1 KUP_PHASE=fallback -o cat --no-pager");
+    assert!(
+        phase.contains(why),
+        "journal records with KUP_PHASE=fallback: {phase}"
+    );
+
+    // The service, as the same unit and process, with every key, on the same connection.
+    assert_eq!(lab.exec("systemctl is-active memcached"), "active");
+    assert_eq!(
+        lab.exec("systemctl show -p MainPID --value memcached"),
+        pid,
+        "memcached keeps its PID across both switches"
+    );
+    assert_eq!(memcached::verify(port, KEYS).unwrap(), (KEYS, 0));
+    assert!(
+        kept.get_matches(3).unwrap_or_else(|e| panic!(
+            "the connection from {} kept across the fallback broke: {e}",
+            kept.local_addr()
+        )),
+        "the kept connection answered key 3 wrongly"
+    );
+    assert!(kept.get_matches(KEYS - 1).unwrap());
+
+    // What kupctl says: the fallback, the kernel that failed and why.
+    let status = lab.exec("kupctl status --json");
+    assert!(status.contains("\"result\": \"fell-back\""), "{status}");
+    assert!(
+        status.contains(&format!("\"kernel\": \"{NEW}\"")),
+        "{status}"
+    );
+    assert!(status.contains(why), "{status}");
+    let text = lab.exec("kupctl status");
+    assert!(text.contains(&format!("fell-back on {OLD}")), "{text}");
+    // The fallback handoff is finished: nothing pending, images released, no drop-ins left.
+    assert_eq!(
+        lab.exec("test -e /run/kup/pending && echo pending || echo none"),
+        "none"
+    );
+    assert_eq!(
+        lab.exec("for i in $(seq 120); do [ -z \"$(ls -A /var/lib/kup/images)\" ] && break; sleep 0.5; done; ls -A /var/lib/kup/images"),
+        "",
+        "every image is released once the fallback is restored"
+    );
+    assert_eq!(
+        lab.exec("systemctl show -p DropInPaths --value memcached"),
+        ""
+    );
+    assert_eq!(lab.exec("nft list tables | grep -c kup_ || true"), "0");
+}
+
+#[test]
+#[ignore = "lab: boots QEMU guests; run through tests/run"]
+fn a_restore_that_fails_on_the_new_kernel_falls_back_to_the_previous_one() {
+    let tree = common::install_tree("fallback", EAGER);
+    let lab = Lab::new("fallback");
+    let port = free_port();
+    lab.ok(&[
+        "start",
+        "--kernel",
+        OLD,
+        "--mem",
+        "2048",
+        "--forward",
+        &format!("{port}:11211"),
+        "--payload-tree",
+        tree.to_str().unwrap(),
+    ]);
+    memcached::load(port, KEYS).expect("load memcached from the host");
+    assert_eq!(memcached::verify(port, KEYS).unwrap(), (KEYS, 0));
+
+    // Row "health check fails": memcached is restored on NEW, lazily, but its health command fails
+    // there; it is checkpointed again on NEW (every page in first) and restored on OLD.
+    falls_back(
+        &lab,
+        port,
+        &unhealthy_on_new(),
+        &format!("kupctl update --kernel {NEW}"),
+        &format!("unhealthy on {NEW}"),
+    );
+    // Row "CRIU restore fails": a failpoint makes memcached's restore fail on NEW; it goes back
+    // to OLD from its images, untouched since OLD.
+    falls_back(
+        &lab,
+        port,
+        EAGER,
+        &format!("kupctl update --kernel {NEW} --append kup.failpoints=restore-exec=return"),
+        "failpoint restore-exec",
+    );
+    let cmdline = lab.exec("cat /proc/cmdline");
+    assert!(
+        !cmdline.contains("kup.failpoints"),
+        "the fallback boots the previous kernel with its own command line: {cmdline}"
+    );
+}
