@@ -18,17 +18,56 @@ pub enum Generator {
     InitramfsTools,
 }
 
+/// The Debian packages of the generators, in the order [`Generator::from_dpkg`] prefers them.
+const PACKAGES: [(&str, Generator); 2] = [
+    ("initramfs-tools", Generator::InitramfsTools),
+    ("dracut", Generator::Dracut),
+];
+
 impl Generator {
-    /// The generator found in `PATH` (dracut first, as `/etc/kernel/postinst.d` would run it).
+    /// The generator this machine's kernel packages use.
+    ///
+    /// On Debian and its derivatives dpkg says: the `dracut` and `initramfs-tools` packages
+    /// conflict, so one of them is installed. The commands do not tell: a switch from dracut to
+    /// initramfs-tools (`apt install initramfs-tools`) leaves dracut-core, with `/usr/bin/dracut`
+    /// and `lsinitrd`, installed until an autoremove. Without dpkg (or with neither package), the
+    /// commands: dracut, then update-initramfs.
     #[must_use]
     pub fn detect() -> Option<Self> {
-        if which("dracut") {
-            Some(Self::Dracut)
-        } else if which("update-initramfs") {
-            Some(Self::InitramfsTools)
-        } else {
-            None
-        }
+        let names: Vec<&str> = PACKAGES.iter().map(|(name, _)| *name).collect();
+        // dpkg-query exits 1 when one of the names is unknown; it still prints the others.
+        let dpkg = Command::new("dpkg-query")
+            .args(["-W", "-f", "${Package} ${db:Status-Abbrev}\\n"])
+            .args(&names)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .and_then(|out| Self::from_dpkg(&String::from_utf8_lossy(&out.stdout)));
+        dpkg.or_else(|| {
+            if which("dracut") {
+                Some(Self::Dracut)
+            } else if which("update-initramfs") {
+                Some(Self::InitramfsTools)
+            } else {
+                None
+            }
+        })
+    }
+
+    /// The generator whose package is installed, from `dpkg-query -W -f '${Package}
+    /// ${db:Status-Abbrev}\n' initramfs-tools dracut`: `None` unless exactly one is (its files
+    /// are there: unpacked, half-configured, awaiting or pending triggers, or installed). Pure.
+    #[must_use]
+    pub fn from_dpkg(listing: &str) -> Option<Self> {
+        let mut installed = listing.lines().filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let (name, status) = (words.next()?, words.next()?);
+            let state = status.chars().nth(1)?;
+            let generator = PACKAGES.iter().find(|(n, _)| *n == name)?.1;
+            matches!(state, 'U' | 'F' | 'W' | 't' | 'i').then_some(generator)
+        });
+        let first = installed.next()?;
+        installed.all(|g| g == first).then_some(first)
     }
 
     /// The command that rebuilds the initrd of kernel `version` (shown in messages).
@@ -37,6 +76,15 @@ impl Generator {
         match self {
             Self::Dracut => format!("dracut -f --kver {version}"),
             Self::InitramfsTools => format!("update-initramfs -u -k {version}"),
+        }
+    }
+
+    /// The command that lists the files of an initrd made by this generator.
+    #[must_use]
+    pub fn lister(self) -> &'static str {
+        match self {
+            Self::Dracut => "lsinitrd",
+            Self::InitramfsTools => "lsinitramfs",
         }
     }
 }
@@ -80,25 +128,28 @@ pub enum InitrdError {
     },
 }
 
-/// The names of the files in `initrd` (lsinitrd, or lsinitramfs where dracut is not installed).
+/// The names of the files in `initrd` (with the installed generator's lister, lsinitrd or
+/// lsinitramfs, else the other one).
 ///
 /// # Errors
 /// [`InitrdError`] when no lister is installed or the file cannot be listed.
 pub fn list(initrd: &Path) -> Result<String, InitrdError> {
     let shown = initrd.display().to_string();
-    let (tool, args): (&'static str, &[&str]) = if which("lsinitrd") {
-        ("lsinitrd", &[])
-    } else if which("lsinitramfs") {
-        ("lsinitramfs", &[])
-    } else {
+    let generator = Generator::detect();
+    // The generator's own lister first (either reads the other's initrds).
+    let mut tools = vec!["lsinitrd", "lsinitramfs"];
+    if let Some(g) = generator {
+        tools.retain(|t| *t != g.lister());
+        tools.insert(0, g.lister());
+    }
+    let Some(tool) = tools.into_iter().find(|t| which(t)) else {
         return Err(InitrdError::NoLister { initrd: shown });
     };
-    let fix = Generator::detect().map_or_else(
+    let fix = generator.map_or_else(
         || "dracut or update-initramfs".to_owned(),
         |g| g.rebuild_command("VERSION"),
     );
     let out = Command::new(tool)
-        .args(args)
         .arg(initrd)
         .output()
         .map_err(|e| InitrdError::List {
@@ -366,6 +417,39 @@ mod tests {
         assert!(has_module(&path));
         std::fs::write(&path, newc(&[("init", b"x")])).expect("write");
         assert!(!has_module(&path));
+    }
+
+    #[test]
+    fn dpkg_says_which_generator_is_installed() {
+        // After `apt install initramfs-tools` on a dracut machine: dracut removed, its conffiles
+        // kept ("rc"); dracut-core (not asked about) still has /usr/bin/dracut.
+        assert_eq!(
+            Generator::from_dpkg("initramfs-tools ii \ndracut rc \n"),
+            Some(Generator::InitramfsTools)
+        );
+        assert_eq!(
+            Generator::from_dpkg("dracut ii \n"),
+            Some(Generator::Dracut)
+        );
+        // initramfs-tools being configured by the same dpkg run (unpacked, triggers pending).
+        assert_eq!(
+            Generator::from_dpkg("initramfs-tools iU \ndracut un \n"),
+            Some(Generator::InitramfsTools)
+        );
+        assert_eq!(
+            Generator::from_dpkg("initramfs-tools it \n"),
+            Some(Generator::InitramfsTools)
+        );
+        // Neither, both (a broken system) or no dpkg: the caller falls back to the commands.
+        assert_eq!(
+            Generator::from_dpkg("dracut rc \ninitramfs-tools pn \n"),
+            None
+        );
+        assert_eq!(
+            Generator::from_dpkg("dracut ii \ninitramfs-tools ii \n"),
+            None
+        );
+        assert_eq!(Generator::from_dpkg(""), None);
     }
 
     #[test]

@@ -51,6 +51,7 @@ mmdebstrap --variant=apt --format=directory \
   --customize-hook='sed -i -e "s/^bind 127.0.0.1 -::1/bind 0.0.0.0/" -e "s/^protected-mode yes/protected-mode no/" "$1/etc/redis/redis.conf"' \
   --customize-hook='sed -i "s/^LOAD_KEXEC=.*/LOAD_KEXEC=false/" "$1/etc/default/kexec"' \
   --customize-hook='for f in "$1"/boot/vmlinuz-* "$1"/boot/initrd.img-*; do cp "$f" '"$out"'/kernels/; done' \
+  --customize-hook='mkdir -p "$1/var/cache/kup-lab/debs/partial" && chroot "$1" apt-get -y -q --download-only -o Dir::Cache::Archives=/var/cache/kup-lab/debs/ install '"${LOCAL_DEBS:-}"' && rm -rf "$1/var/cache/kup-lab/debs/partial" "$1/var/cache/kup-lab/debs/lock"' \
   --include="$(IFS=,; echo "${includes[*]}")" \
   "$SUITE" "$root" \
   "deb $mirror $SUITE main" "deb $mirror $SUITE-updates main" "deb $security $SUITE-security main" \
@@ -60,6 +61,11 @@ for k in $KERNELS; do
   for f in vmlinuz initrd.img; do
     [ -s "$out/kernels/$f-$k" ] || { echo "build-image: $f-$k missing after install" >&2; exit 1; }
   done
+done
+# LOCAL_DEBS, each with what it needs beyond the image, as .debs for offline installs in the guest.
+for p in ${LOCAL_DEBS:-}; do
+  ls "$root/var/cache/kup-lab/debs/${p}_"*.deb >/dev/null 2>&1 ||
+    { echo "build-image: $p is missing from /var/cache/kup-lab/debs after apt-get --download-only (see above)" >&2; exit 1; }
 done
 # Guest services listen on the guest's address so the host reaches them through forwarded ports.
 grep -q '^-l 0.0.0.0' "$root/etc/memcached.conf" && grep -q '^bind 0.0.0.0' "$root/etc/redis/redis.conf" ||

@@ -17,22 +17,6 @@ const CONFIG: &str = "[update]\nauto = \"timer\"\n\n[[unit]]\nname = \"memcached
 /// The maintenance window of this test: a few seconds after the kernel install starts the timer.
 const WINDOW: &str = "[Timer]\nOnCalendar=\nOnActiveSec=3s\nAccuracySec=1s\n";
 
-/// Rebuilds the installed package `linux-image-NEW` as a .deb from dpkg's own records (what
-/// dpkg-repack does), so the test can purge it and install it again with `dpkg -i`, the kernel
-/// package path of an `apt upgrade` (the image has no package cache and the guest no network).
-/// The maintainer scripts go into the control area under their plain names (`postinst`, ...):
-/// dpkg ignores any other name, and without them nothing runs the kernel hooks. Uncompressed: xz
-/// under TCG would take minutes.
-fn repack_kernel() -> String {
-    format!(
-        "set -e; p=linux-image-{NEW}; d=/var/tmp/repack; rm -rf $d; mkdir -p $d/DEBIAN; \
-         dpkg-query -L $p | while read -r f; do if [ -L \"$f\" ] || [ -f \"$f\" ]; then cp -a --parents \"$f\" $d; fi; done; \
-         dpkg-query -s $p | grep -v -e '^Status:' -e '^Conffiles:' > $d/DEBIAN/control; \
-         for s in preinst postinst prerm postrm; do [ ! -f /var/lib/dpkg/info/$p.$s ] || cp /var/lib/dpkg/info/$p.$s $d/DEBIAN/$s; done; \
-         dpkg-deb -Znone --root-owner-group -b $d /var/tmp/$p.deb >/dev/null; rm -rf $d; echo /var/tmp/$p.deb"
-    )
-}
-
 /// The file list of every initrd in /boot, each after a `== PATH` line (dracut's zstd cpio, read
 /// with the tools the image has, so it works with kup purged).
 const LIST_INITRDS: &str = "for i in /boot/initrd.img-*; do echo \"== $i\"; \
@@ -172,7 +156,7 @@ fn the_package_installs_updates_through_the_kernel_hook_and_purges_clean() {
 
     // A new kernel package: NEW, purged first so that `dpkg -i` installs it as new (preinst
     // install, postinst configure, the hooks in /etc/kernel/postinst.d), as apt does.
-    let deb = lab.exec(&repack_kernel());
+    let deb = lab.exec(&common::repack_kernel(NEW));
     let postinst = lab.exec(&format!("dpkg-deb -I {deb} postinst"));
     assert!(
         postinst.contains("linux-run-hooks image postinst"),

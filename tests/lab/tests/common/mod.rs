@@ -129,3 +129,19 @@ pub fn package_tree(name: &str) -> PathBuf {
     std::fs::copy(repo.join("tests/lab/payload/payload-install"), &hook).unwrap();
     tree
 }
+
+/// A guest command that rebuilds the installed package `linux-image-VERSION` as a .deb from dpkg's
+/// own records (what dpkg-repack does) and prints its path, so a test can purge the kernel and
+/// install it again with `dpkg -i`, the kernel package path of an `apt upgrade` (the image has no
+/// package cache and the guest no network). The maintainer scripts go into the control area under
+/// their plain names (`postinst`, ...): dpkg ignores any other name, and without them nothing runs
+/// the kernel hooks. Uncompressed: xz under TCG would take minutes.
+pub fn repack_kernel(version: &str) -> String {
+    format!(
+        "set -e; p=linux-image-{version}; d=/var/tmp/repack; rm -rf $d; mkdir -p $d/DEBIAN; \
+         dpkg-query -L $p | while read -r f; do if [ -L \"$f\" ] || [ -f \"$f\" ]; then cp -a --parents \"$f\" $d; fi; done; \
+         dpkg-query -s $p | grep -v -e '^Status:' -e '^Conffiles:' > $d/DEBIAN/control; \
+         for s in preinst postinst prerm postrm; do [ ! -f /var/lib/dpkg/info/$p.$s ] || cp /var/lib/dpkg/info/$p.$s $d/DEBIAN/$s; done; \
+         dpkg-deb -Znone --root-owner-group -b $d /var/tmp/$p.deb >/dev/null; rm -rf $d; echo /var/tmp/$p.deb"
+    )
+}
