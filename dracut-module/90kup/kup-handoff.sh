@@ -1,22 +1,35 @@
 #!/bin/sh
 # kup early boot (dracut pre-pivot hook): runs with the real root mounted at $NEWROOT, before systemd
 # switches to it. Everything the restore needs from this stage is written to /run/kup (kept across the
-# switch): `pending` (the handoff id) or `refused` (why the handoff cannot be restored here).
+# switch): `pending` (the handoff id) or `refused` (why the handoff cannot be restored here), and
+# `resumed` when the boot was not made by kup (no kup.handoff= on the command line) but found an
+# unfinished handoff: the machine lost power or crashed after the final dump, or the new kernel
+# panicked, hung or never came up and the firmware booted the default kernel. The units were dumped
+# and are not running anywhere, so they are restored on this boot.
 type getarg >/dev/null 2>&1 || . /lib/dracut-lib.sh
 
-id=$(getarg kup.handoff=)
-[ -n "$id" ] || return 0 2>/dev/null || exit 0
-mkdir -p /run/kup
 root=${NEWROOT:-/sysroot}
 handoff=$root/var/lib/kup/handoff
+ondisk=$(cat "$handoff/id" 2>/dev/null)
+id=$(getarg kup.handoff=)
+if [ -z "$id" ]; then
+    if [ -z "$ondisk" ] || [ ! -r "$handoff/manifest.json" ]; then
+        return 0 2>/dev/null || exit 0
+    fi
+    id=$ondisk
+    mkdir -p /run/kup
+    echo "$id" > /run/kup/resumed
+    warn "kup: unfinished handoff $id found on a boot kup did not make (power loss, crash, panic or watchdog reset): restoring it here"
+fi
+mkdir -p /run/kup
 refuse() {
     echo "$1" > /run/kup/refused
     warn "kup: handoff $id cannot be restored: $1"
 }
 if [ ! -r "$handoff/manifest.json" ]; then
     refuse "no manifest at /var/lib/kup/handoff/manifest.json"
-elif [ "$(cat "$handoff/id" 2>/dev/null)" != "$id" ]; then
-    refuse "the manifest on disk belongs to handoff $(cat "$handoff/id" 2>/dev/null), not $id"
+elif [ "$ondisk" != "$id" ]; then
+    refuse "the manifest on disk belongs to handoff $ondisk, not $id"
 else
     # The restored processes need their old PIDs. Start every later process above the highest of them,
     # so nothing that boots from here on can take one (processes alive now are few and low).

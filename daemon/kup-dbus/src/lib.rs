@@ -16,5 +16,6 @@ pub use error::{KupError, PayloadError};
 pub use names::*;
 pub use proxy::{Manager1Proxy, Update1Proxy};
 pub use types::{
-    ActiveUpdate, FallbackOf, FinishedUpdate, HandoffOutcome, StatusReport, UnitFailure, UnitReport,
+    ActiveUpdate, DryRunReport, DryRunUnit, FallbackOf, FinishedUpdate, HandoffOutcome,
+    StatusReport, UnitFailure, UnitReport,
 };

@@ -26,6 +26,14 @@ pub trait Manager1 {
     /// touching anything: (can, resolved target, reason when it cannot).
     fn can_update(&self, target: &str) -> zbus::Result<(bool, String, String)>;
 
+    /// A dry-run of an update to `target` (`""`: the newest installed or staged one): each marked
+    /// unit checkpointed whole while it keeps running, nothing switched; a
+    /// [`crate::DryRunReport`] as JSON. Takes as long as the checkpoints (seconds per GiB).
+    ///
+    /// Fails with `org.kup.Error.NotAuthorized`, `Busy` or `Refused`.
+    #[zbus(allow_interactive_auth)]
+    fn dry_run(&self, target: &str) -> zbus::Result<String>;
+
     /// A [`crate::StatusReport`] as JSON.
     fn status(&self) -> zbus::Result<String>;
 

@@ -31,6 +31,54 @@ pub struct StatusReport {
     pub last_handoff: Option<HandoffOutcome>,
 }
 
+/// What `Manager1.DryRun` returns (as JSON): per marked unit, whether it was checkpointed whole
+/// while it kept running.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DryRunReport {
+    /// The kernel an update would switch to.
+    pub target: String,
+    /// "" when `Update` would be accepted now, else the refusal.
+    pub refusal: String,
+    pub units: Vec<DryRunUnit>,
+    /// What the dry-run does not check.
+    pub not_checked: String,
+}
+
+/// One unit of a [`DryRunReport`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DryRunUnit {
+    pub name: String,
+    /// Checkpointed whole while it kept running.
+    pub restorable: bool,
+    /// Why not (thing, reason, fix), or what was measured.
+    pub reason: String,
+    /// Seconds the unit was paused for its trial checkpoint.
+    pub dump_seconds: f64,
+    /// Size of the checkpoint, MiB.
+    pub image_mib: u64,
+}
+
+impl DryRunReport {
+    /// Serialises to pretty JSON.
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+
+    /// Decodes the JSON of `Manager1.DryRun`.
+    ///
+    /// # Errors
+    /// When the text is not a dry-run report.
+    pub fn from_json(json: &str) -> Result<Self, PayloadError> {
+        serde_json::from_str(json).map_err(|error| PayloadError {
+            what: "DryRun",
+            error,
+        })
+    }
+}
+
 /// How a restoring boot ended, as kup-restore recorded it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -39,7 +87,8 @@ pub struct HandoffOutcome {
     pub id: String,
     /// `uname -r` of that boot.
     pub kernel: String,
-    /// `restored`, `falling-back`, `fell-back` or `failed`.
+    /// `restored`, `falling-back`, `fell-back`, `resumed` (a boot kup did not make restored the
+    /// unfinished handoff) or `failed`.
     pub result: String,
     /// What happened and what to do, in one sentence.
     pub message: String,

@@ -29,6 +29,10 @@ pub enum CriuError {
     },
     #[error("cannot read /proc/{pid}: {source} (did the process exit?)")]
     Proc { pid: i32, source: std::io::Error },
+    #[error(
+        "the checkpoint of {what} was refused after the dump ({reason}); CRIU resumed it, it keeps running"
+    )]
+    PostDump { what: String, reason: String },
 }
 
 /// How a process's stdin/stdout/stderr are told to CRIU: resources outside the dumped namespace
@@ -144,6 +148,8 @@ pub enum Action {
     /// Copy the memory while the tree keeps running (soft-dirty tracking starts or continues).
     PreDump,
     Dump,
+    /// A whole dump with the tree left running afterwards (`--leave-running`): the dry-run's trial.
+    TrialDump,
     Restore,
     /// Restore with the memory left out: a `criu lazy-pages` daemon serves it (see [`lazy_pages`]).
     LazyRestore,
@@ -154,6 +160,7 @@ impl Action {
         match self {
             Action::PreDump => "pre-dump",
             Action::Dump => "dump",
+            Action::TrialDump => "dry-run",
             Action::Restore | Action::LazyRestore => "restore",
         }
     }
@@ -193,6 +200,13 @@ pub fn request(
             o.set_tcp_skip_in_flight(true);
             // CRIU reports its steps; at "post-dump" the tree is frozen and dumped, not yet gone.
             o.set_notify_scripts(true);
+            o.external = stdio.external.clone();
+            req.set_type(rpc::Criu_req_type::DUMP);
+        }
+        Action::TrialDump => {
+            o.set_pid(pid);
+            o.set_leave_running(true);
+            o.set_tcp_skip_in_flight(true);
             o.external = stdio.external.clone();
             req.set_type(rpc::Criu_req_type::DUMP);
         }
@@ -237,27 +251,36 @@ pub fn pre_dump(
         parent,
         what,
     }
-    .run(&mut |_| {})
+    .run(&mut |_| true)
     .map(|_| ())
 }
 
 /// Dumps the tree at `pid` into `images` (only the pages changed since `parent`, when given),
 /// running CRIU inside the tree's mount and UTS namespaces. The tree is gone afterwards;
-/// `post_dump` runs while it is dumped but still there, frozen.
+/// `post_dump` runs while it is dumped but still there, frozen: when it refuses (e.g. the images
+/// fail their check), the dump fails and CRIU resumes the tree, which keeps running.
 pub fn dump(
     pid: i32,
     images: &Path,
     stdio: &Stdio,
     parent: Option<&str>,
     what: &str,
-    post_dump: &mut dyn FnMut(),
+    post_dump: &mut dyn FnMut() -> Result<(), String>,
 ) -> Result<(), CriuError> {
+    let mut refused = None;
     let mut on_notify = |step: &str| {
-        if step == "post-dump" {
-            post_dump();
+        if step != "post-dump" {
+            return true;
+        }
+        match post_dump() {
+            Ok(()) => true,
+            Err(reason) => {
+                refused = Some(reason);
+                false
+            }
         }
     };
-    Call {
+    let done = Call {
         ns_pid: pid,
         action: Action::Dump,
         pid,
@@ -267,6 +290,29 @@ pub fn dump(
         what,
     }
     .run(&mut on_notify)
+    .map(|_| ());
+    match (done, refused) {
+        (Err(_), Some(reason)) => Err(CriuError::PostDump {
+            what: what.to_owned(),
+            reason,
+        }),
+        (done, _) => done,
+    }
+}
+
+/// A trial dump of the tree at `pid` into `images` that leaves it running (the dry-run): CRIU
+/// freezes the tree for the time of the dump, then lets it go on.
+pub fn trial_dump(pid: i32, images: &Path, stdio: &Stdio, what: &str) -> Result<(), CriuError> {
+    Call {
+        ns_pid: pid,
+        action: Action::TrialDump,
+        pid,
+        images,
+        stdio,
+        parent: None,
+        what,
+    }
+    .run(&mut |_| true)
     .map(|_| ())
 }
 
@@ -298,7 +344,7 @@ pub fn restore(
         parent: None,
         what,
     }
-    .run(&mut |_| {})?;
+    .run(&mut |_| true)?;
     Ok(resp.restore.pid())
 }
 
@@ -349,7 +395,8 @@ pub fn lazy_pages(images: &Path, what: &str) -> Result<std::process::Child, Criu
 }
 
 /// Runs one RPC with `criu swrk` started inside the mount and UTS namespaces of `ns_pid`; CRIU's
-/// step notifications go to `on_notify` (by step name) before they are acknowledged.
+/// step notifications go to `on_notify` (by step name) before they are acknowledged (with its
+/// answer: `false` makes CRIU fail the action).
 ///
 /// CRIU's binary and the image directory are opened here, outside the unit's namespace: a sandbox with
 /// `NoExecPaths=` cannot exec /usr/sbin/criu, and one with `ProtectSystem=strict` sees /var/lib/kup
@@ -369,7 +416,7 @@ struct Call<'a> {
 }
 
 impl Call<'_> {
-    fn run(&self, on_notify: &mut dyn FnMut(&str)) -> Result<rpc::Criu_resp, CriuError> {
+    fn run(&self, on_notify: &mut dyn FnMut(&str) -> bool) -> Result<rpc::Criu_resp, CriuError> {
         let Call {
             ns_pid,
             action,
@@ -457,10 +504,10 @@ impl Call<'_> {
             let resp = rpc::Criu_resp::parse_from_bytes(&buf[..n])
                 .map_err(|e| fail(format!("unreadable answer: {e}")))?;
             if resp.type_() == rpc::Criu_req_type::NOTIFY {
-                on_notify(resp.notify.script());
+                let ok = on_notify(resp.notify.script());
                 let mut ack = rpc::Criu_req::new();
                 ack.set_type(rpc::Criu_req_type::NOTIFY);
-                ack.set_notify_success(true);
+                ack.set_notify_success(ok);
                 let bytes = ack
                     .write_to_bytes()
                     .map_err(|e| fail(format!("encoding the notify answer: {e}")))?;

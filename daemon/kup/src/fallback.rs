@@ -31,6 +31,9 @@ pub enum Verdict {
     FellBack,
     /// Units are not running and nothing more happens automatically; their images are kept.
     Failed,
+    /// A boot kup did not make (power loss, crash, panic, watchdog reset) found the handoff
+    /// unfinished and restored every unit from the images.
+    Resumed,
 }
 
 /// The record of a restoring boot, written to [`OUTCOME_FILE`] (also the JSON `kupctl status` shows).
@@ -274,10 +277,6 @@ pub fn fall_back(m: &Manifest, failures: &[UnitFailure]) -> Result<String, Fallb
         img.health.clone_from(&u.health);
         next.units.push(img);
         manifest::write_atomic(handoff, &next)?;
-        if let Err(e) = update::check_images(&u.unit, &images) {
-            back_here(&next);
-            return Err(e.into());
-        }
     }
     update::write_boot_files(&next)?;
     if let Err(e) = kexec::load(&target).and_then(|()| kexec::switch()) {
@@ -349,7 +348,7 @@ pub fn record(m: &Manifest, result: Verdict, message: &str, failures: &[UnitFail
         time: now(),
     };
     match result {
-        Verdict::Restored => {
+        Verdict::Restored | Verdict::Resumed => {
             tracing::info!(kup_update_id = %m.id, kup_phase = "verify", "kup: {message}");
         }
         _ => tracing::error!(kup_update_id = %m.id, kup_phase = "fallback", "kup: {message}"),

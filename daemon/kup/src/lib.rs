@@ -4,6 +4,7 @@
 pub mod config;
 pub mod criu;
 pub mod criu_image;
+pub mod dryrun;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
 pub mod fallback;

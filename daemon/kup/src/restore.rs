@@ -73,6 +73,18 @@ pub fn pending() -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
+/// Whether `u`'s checkpoint is on disk to restore from: dumped, and on a boot that resumes an
+/// unfinished handoff also restored or failed on the boot that did not finish.
+fn has_images(u: &manifest::UnitImage) -> bool {
+    u.state != UnitState::Pending
+}
+
+/// Whether this boot resumes an unfinished handoff it was not made for (`/run/kup/resumed`, written
+/// by the early boot).
+pub fn resumed() -> bool {
+    Path::new(RUN_DIR).join("resumed").exists()
+}
+
 /// systemd generator: when a handoff is pending, every dumped unit gets the restoring drop-in and
 /// kup-restore.target is pulled into the boot.
 pub fn generate(early_dir: &Path) -> Result<usize, RestoreError> {
@@ -90,7 +102,7 @@ pub fn generate(early_dir: &Path) -> Result<usize, RestoreError> {
         Ok(())
     };
     let mut n = 0;
-    for u in m.units.iter().filter(|u| u.state == UnitState::Dumped) {
+    for u in m.units.iter().filter(|u| has_images(u)) {
         let path = early_dir.join(format!("{}.d/{RESTORE_DROPIN}.conf", u.unit));
         systemd::write_dropin(&path, &systemd::restore_dropin(&u.unit, KUP_RESTORE))?;
         link(
@@ -167,6 +179,11 @@ fn restore_unit(unit: &str) -> Result<i32, RestoreError> {
     fail::fail_point!("restore-exec", |_| Err(RestoreError::Injected(
         "restore-exec".into()
     )));
+    // Fault tests: the new kernel panics in the middle of the restores.
+    fail::fail_point!("restore-panic", |_| {
+        let _ = std::fs::write("/proc/sysrq-trigger", "c");
+        Err(RestoreError::Injected("restore-panic".into()))
+    });
     let lazy = m.restore == RestoreMode::Lazy;
     if lazy {
         start_lazy_pages(unit)?;
@@ -269,7 +286,7 @@ pub fn netlock() -> Result<usize, RestoreError> {
         return Ok(0);
     }
     let mut n = 0;
-    for u in m.units.iter().filter(|u| u.state == UnitState::Dumped) {
+    for u in m.units.iter().filter(|u| has_images(u)) {
         nft::lock(&u.unit, &u.tcp)?;
         n += u.tcp.len();
     }
@@ -365,10 +382,21 @@ pub fn finish() -> Result<String, RestoreError> {
                 .collect::<String>(),
         )
         .map_err(io("recording failed units"))?;
-        if let Some(of) = &m.fallback {
+        let no_bounce = match (&m.fallback, resumed()) {
+            (Some(of), _) => Some(format!(
+                "handoff {id}, the fallback from {} to this kernel, failed too",
+                of.kernel
+            )),
+            (None, true) => Some(format!(
+                "handoff {id}, resumed on this boot after the switch to {} did not finish, failed",
+                m.to_kernel
+            )),
+            (None, false) => None,
+        };
+        if let Some(what) = no_bounce {
             let msg = format!(
-                "handoff {id}, the fallback from {} to this kernel, failed too ({list}); nothing more happens automatically: the images stay in {} for a manual restore (see docs/RELIABILITY.md)",
-                of.kernel, m.image_dir
+                "{what} ({list}); nothing more happens automatically: the images stay in {} for a manual restore (see docs/RELIABILITY.md)",
+                m.image_dir
             );
             fallback::record(&m, fallback::Verdict::Failed, &msg, &failures);
             return Err(RestoreError::NotRestored(msg));
@@ -403,6 +431,14 @@ pub fn finish() -> Result<String, RestoreError> {
     std::fs::rename(dir, &done).map_err(io("retiring the handoff directory"))?;
     systemd::systemctl(&["daemon-reload", "--no-block"])?;
     let (verdict, msg) = match &m.fallback {
+        None if resumed() => (
+            fallback::Verdict::Resumed,
+            format!(
+                "handoff {id}: the switch to {} did not finish (power loss, crash, panic or watchdog reset), so this boot restored {} unit(s) from the images",
+                m.to_kernel,
+                m.units.len()
+            ),
+        ),
         Some(of) => (
             fallback::Verdict::FellBack,
             format!(

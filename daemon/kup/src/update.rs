@@ -15,6 +15,8 @@ use crate::{criu, kexec, restore, stage, systemd};
 pub const HANDOFF_DIR: &str = "/var/lib/kup/handoff";
 /// kup's runtime directory.
 pub const RUN_DIR: &str = "/run/kup";
+/// `panic=` given to the new kernel unless its command line sets one: seconds before a panic reboots.
+pub const PANIC_REBOOT_SECS: u32 = 10;
 /// The drop-in name that keeps a unit from restarting while it is checkpointed.
 pub const NO_RESTART: &str = "50-kup-no-restart";
 
@@ -30,7 +32,7 @@ pub enum UpdateError {
     )]
     LazyWithPrecopy(u8),
     #[error(
-        "the checkpoint of {unit} is not whole ({source}); it was restored on this kernel and nothing was switched: check the disk under the image directory and update again"
+        "the checkpoint of {unit} is not whole ({source}); check the disk under the image directory (kup.toml image_dir) and try again"
     )]
     Images {
         unit: String,
@@ -115,7 +117,15 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
         .kernel
         .clone()
         .or_else(|| settings.update.kernel.clone());
-    let extra = [settings.update.extra_cmdline.as_str(), req.append.as_str()].join(" ");
+    let mut extra = [settings.update.extra_cmdline.as_str(), req.append.as_str()].join(" ");
+    // A new kernel that panics reboots (into the firmware's default entry, whose early boot then
+    // restores the unfinished handoff) instead of halting with every marked unit down.
+    if !format!("{cmdline} {extra}")
+        .split_whitespace()
+        .any(|w| w.starts_with("panic="))
+    {
+        extra.push_str(&format!(" panic={PANIC_REBOOT_SECS}"));
+    }
     let target = stage::resolve_target(
         Path::new(stage::BOOT_DIR),
         wanted.as_deref(),
@@ -210,7 +220,37 @@ pub fn preflight_unit(unit: &str) -> Result<(), UpdateError> {
             "unmark it for now; see docs/ARCHITECTURE.md, \"User namespaces\"",
         ));
     }
+    if let Some(pid) = systemd::main_pid(unit)? {
+        for p in criu::tree_pids(pid).unwrap_or_default() {
+            if let Some((fd, what)) = uncheckpointable_fd(p) {
+                return Err(refuse(
+                    &format!(
+                        "process {p} holds {what} (/proc/{p}/fd/{fd}), which CRIU cannot checkpoint"
+                    ),
+                    "unmark it, or run the service without it (e.g. another I/O backend)",
+                ));
+            }
+        }
+    }
     Ok(())
+}
+
+/// The first descriptor of process `pid` that CRIU cannot checkpoint, and what it is.
+fn uncheckpointable_fd(pid: i32) -> Option<(String, &'static str)> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    dir.flatten().find_map(|e| {
+        let link = std::fs::read_link(e.path()).ok()?;
+        let what = uncheckpointable(&link.to_string_lossy())?;
+        Some((e.file_name().to_string_lossy().into_owned(), what))
+    })
+}
+
+/// What a descriptor is, by its `/proc/PID/fd` link, when CRIU 4.2 cannot checkpoint it.
+pub fn uncheckpointable(link: &str) -> Option<&'static str> {
+    match link {
+        "anon_inode:[io_uring]" => Some("an io_uring instance"),
+        _ => None,
+    }
 }
 
 /// Whether the initrd carries kup's early-boot hook.
@@ -253,6 +293,9 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         units: Vec::new(),
     };
     manifest::write_atomic(handoff, &m)?;
+    // From here on, a boot that finds this handoff unfinished (power loss, crash) restores what it
+    // lists: the early boot needs the id and the PID floor before the first unit is dumped.
+    write_boot_files(&m)?;
     let n = plan.units.len() as u32;
     // Pre-copy: every unit's memory goes to disk while all of them keep serving; the final dumps
     // below then write only what changed since.
@@ -276,14 +319,11 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         img.health.clone_from(&unit.health);
         m.units.push(img);
         manifest::write_atomic(handoff, &m)?;
-        // The images must be whole before the old kernel goes away.
-        if let Err(e) = check_images(&unit.name, &images) {
-            rollback(&m);
-            return Err(e);
-        }
+        write_boot_files(&m)?;
     }
-    write_boot_files(&m)?;
     progress("switch", 90);
+    // Fault tests: hold the update here, every unit dumped, the switch not begun (a power cut now).
+    fail::fail_point!("switch");
     if let Err(e) = kexec::load(&plan.target).and_then(|()| kexec::switch()) {
         kexec::unload();
         rollback(&m);
@@ -375,7 +415,7 @@ fn precopy(unit: &str, image_dir: &Path, rounds: u8) -> Option<String> {
 }
 
 /// Bytes in the files of a directory (the pages a pre-dump wrote).
-fn dir_bytes(dir: &Path) -> u64 {
+pub(crate) fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|es| {
             es.flatten()
@@ -417,9 +457,15 @@ pub(crate) fn dump_unit(
     systemd::daemon_reload()?;
     let t = std::time::Instant::now();
     // Read while CRIU holds the tree frozen after its dump: exactly the connections in the images.
+    // The images are checked then too: a checkpoint that is not whole fails the dump, and CRIU
+    // resumes the tree instead of killing it.
     let mut tcp = Vec::new();
     if let Err(e) = criu::dump(pid, images, &stdio, parent, unit, &mut || {
-        tcp = crate::tcp::established(&pids)
+        tcp = crate::tcp::established(&pids);
+        check_images(unit, images).map_err(|e| match e {
+            UpdateError::Images { source, .. } => format!("its images are not whole: {source}"),
+            other => other.to_string(),
+        })
     }) {
         // CRIU resumes the tree when a dump fails: the unit is still running as before.
         let _ = std::fs::remove_file(systemd::runtime_dropin(unit, NO_RESTART));
@@ -456,4 +502,19 @@ pub(crate) fn rollback(m: &Manifest) {
         }
     }
     let _ = std::fs::remove_dir_all(HANDOFF_DIR);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_uring_descriptors_cannot_be_checkpointed() {
+        assert_eq!(
+            uncheckpointable("anon_inode:[io_uring]"),
+            Some("an io_uring instance")
+        );
+        assert_eq!(uncheckpointable("anon_inode:[eventfd]"), None);
+        assert_eq!(uncheckpointable("socket:[1234]"), None);
+    }
 }

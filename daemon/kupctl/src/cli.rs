@@ -50,6 +50,17 @@ pub enum Command {
         #[arg(long)]
         fix: bool,
     },
+    /// Dry-run an update: checkpoint every marked unit while it keeps running (each pauses for
+    /// its dump), check the checkpoints, switch nothing, and say per unit whether it is
+    /// restorable and why not. Exits 1 when a unit is not, or the update would be refused.
+    DryRun {
+        /// Kernel release an update would switch to (default: the newest installed or staged).
+        #[arg(long, value_name = "VER")]
+        kernel: Option<String>,
+        /// Print kupd's JSON report instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what kupd is doing and what it would update to.
     Status {
         /// Print kupd's JSON report instead of a summary.

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use kup_dbus::{Manager1Proxy, StatusReport, UnitReport};
+use kup_dbus::{DryRunReport, Manager1Proxy, StatusReport, UnitReport};
 use zbus::Connection;
 
 pub use cli::{Cli, Command};
@@ -191,6 +191,31 @@ pub async fn execute(
             no_schedule,
         } => stage(&version, no_schedule),
         Command::Initrds { fix } => initrds(fix),
+        Command::DryRun { kernel, json } => {
+            let text = Manager1Proxy::new(conn)
+                .await?
+                .dry_run(kernel.as_deref().unwrap_or_default())
+                .await?;
+            let report = DryRunReport::from_json(&text)?;
+            if json {
+                println!("{}", show::pretty_json(&text));
+            } else {
+                print!("{}", show::dry_run_text(&report));
+            }
+            let not = report.units.iter().filter(|u| !u.restorable).count();
+            if not > 0 || !report.refusal.is_empty() {
+                return Err(ClientError::Local(format!(
+                    "dry-run: {not} of {} unit(s) not restorable{}",
+                    report.units.len(),
+                    if report.refusal.is_empty() {
+                        ""
+                    } else {
+                        ", and the update would be refused"
+                    }
+                )));
+            }
+            Ok(())
+        }
         Command::Units { json } => {
             let text = Manager1Proxy::new(conn).await?.units().await?;
             if json {

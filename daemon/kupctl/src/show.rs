@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use kup_dbus::{StatusReport, UnitReport};
+use kup_dbus::{DryRunReport, StatusReport, UnitReport};
 
 /// A human summary of a status report, one `key  value` line per fact.
 #[must_use]
@@ -64,25 +64,47 @@ pub fn units_text(units: &[UnitReport]) -> String {
             "no units are marked: add [[unit]] name = \"NAME.service\" to /etc/kup/kup.toml\n",
         );
     }
-    let header = ("UNIT", "CHECKPOINTABLE", "REASON");
-    let name_w = units
+    let rows: Vec<(&str, bool, &str)> = units
         .iter()
-        .map(|u| u.name.len())
-        .chain([header.0.len()])
+        .map(|u| (u.name.as_str(), u.checkpointable, u.reason.as_str()))
+        .collect();
+    unit_table("CHECKPOINTABLE", &rows)
+}
+
+/// A `UNIT  YES/NO  REASON` table with `verdict` as the middle column's title.
+fn unit_table(verdict: &str, rows: &[(&str, bool, &str)]) -> String {
+    let name_w = rows
+        .iter()
+        .map(|r| r.0.len())
+        .chain(["UNIT".len()])
         .max()
         .unwrap_or(0);
-    let ok_w = header.1.len();
+    let ok_w = verdict.len();
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<name_w$}  {:<ok_w$}  {}",
-        header.0, header.1, header.2
-    );
-    for unit in units {
-        let ok = if unit.checkpointable { "yes" } else { "no" };
-        let line = format!("{:<name_w$}  {ok:<ok_w$}  {}", unit.name, unit.reason);
+    let _ = writeln!(out, "{:<name_w$}  {verdict:<ok_w$}  REASON", "UNIT");
+    for (name, ok, reason) in rows {
+        let ok = if *ok { "yes" } else { "no" };
+        let line = format!("{name:<name_w$}  {ok:<ok_w$}  {reason}");
         let _ = writeln!(out, "{}", line.trim_end());
     }
+    out
+}
+
+/// A dry-run report: the target, whether the update would be accepted, a unit table, and what was
+/// not checked.
+#[must_use]
+pub fn dry_run_text(report: &DryRunReport) -> String {
+    let mut out = format!("dry-run of an update to {}\n", report.target);
+    if !report.refusal.is_empty() {
+        let _ = writeln!(out, "the update would be refused: {}", report.refusal);
+    }
+    let rows: Vec<(&str, bool, &str)> = report
+        .units
+        .iter()
+        .map(|u| (u.name.as_str(), u.restorable, u.reason.as_str()))
+        .collect();
+    out.push_str(&unit_table("RESTORABLE", &rows));
+    let _ = writeln!(out, "not checked: {}", report.not_checked);
     out
 }
 

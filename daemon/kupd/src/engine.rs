@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use kup_dbus::options;
-use kup_dbus::{StatusReport, UnitReport};
+use kup_dbus::{DryRunReport, StatusReport, UnitReport};
 use zbus::{OwnedVariant, Variant};
 
 /// What kupd needs from the update engine.
@@ -36,6 +36,9 @@ pub trait Engine: Send + Sync + 'static {
     fn status(&self) -> StatusReport;
     /// The marked units and whether each can be checkpointed now (`Manager1.Units`).
     fn units(&self) -> Vec<UnitReport>;
+    /// A dry-run of an update to `target` (`Manager1.DryRun`): every marked unit checkpointed
+    /// while it keeps running, nothing switched. Err = refusal (nothing marked, no such kernel).
+    fn dry_run(&self, target: &str) -> Result<DryRunReport, EngineError>;
 }
 
 /// An accepted update, handed from [`Engine::plan`] to [`Engine::run`].
@@ -213,6 +216,10 @@ impl Engine for UnlinkedEngine {
 
     fn units(&self) -> Vec<UnitReport> {
         Vec::new()
+    }
+
+    fn dry_run(&self, _target: &str) -> Result<DryRunReport, EngineError> {
+        Err(EngineError::Refused(UNLINKED_MESSAGE.to_owned()))
     }
 }
 

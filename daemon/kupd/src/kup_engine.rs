@@ -4,7 +4,7 @@ use std::path::Path;
 
 use kup::config::Settings;
 use kup::update::{self, Request};
-use kup_dbus::{StatusReport, UnitReport};
+use kup_dbus::{DryRunReport, DryRunUnit, StatusReport, UnitReport};
 
 use crate::engine::{Engine, EngineError, Plan, UpdateOptions, running_kernel};
 
@@ -77,6 +77,28 @@ impl Engine for KupEngine {
             notes,
             ..StatusReport::default()
         }
+    }
+
+    fn dry_run(&self, target: &str) -> Result<DryRunReport, EngineError> {
+        let s = settings()?;
+        let wanted = (!target.is_empty()).then_some(target);
+        let r = kup::dryrun::run(&s, wanted).map_err(|e| EngineError::Refused(e.to_string()))?;
+        Ok(DryRunReport {
+            target: r.target,
+            refusal: r.refusal,
+            not_checked: r.not_checked,
+            units: r
+                .units
+                .into_iter()
+                .map(|u| DryRunUnit {
+                    name: u.name,
+                    restorable: u.restorable,
+                    reason: u.reason,
+                    dump_seconds: u.dump_seconds,
+                    image_mib: u.image_mib,
+                })
+                .collect(),
+        })
     }
 
     fn units(&self) -> Vec<UnitReport> {

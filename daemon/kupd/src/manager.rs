@@ -298,6 +298,41 @@ impl Manager {
         })
     }
 
+    /// A dry-run of an update to `target` ("" = the newest installed or staged kernel): each marked
+    /// unit is checkpointed whole while it keeps running (it pauses for its dump), nothing is
+    /// switched; returns a JSON DryRunReport. Needs polkit action org.kup.update; refused while an
+    /// update runs.
+    async fn dry_run(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        target: String,
+    ) -> Result<String, KupError> {
+        let caller = header.sender().map(ToString::to_string).unwrap_or_default();
+        info!(kup_caller = %caller, kup_target = %target, "DryRun requested");
+        self.shared.authorize(conn, &header, ACTION_UPDATE).await?;
+        if let Some(active) = &self.shared.state().active {
+            return Err(KupError::Busy(format!(
+                "kupd: an update is already running ({}, target {}): a dry-run waits until it has finished (kupctl status)",
+                active.path,
+                display_target(&active.target)
+            )));
+        }
+        let engine = Arc::clone(&self.shared.engine);
+        let wanted = target.clone();
+        let report = tokio::task::spawn_blocking(move || engine.dry_run(&wanted))
+            .await
+            .map_err(|err| {
+                KupError::Failed(format!(
+                    "kupd: the update engine crashed during the dry-run to {} ({err}): see \
+                     journalctl -u kupd and report the bug",
+                    display_target(&target)
+                ))
+            })?
+            .map_err(|err| KupError::Refused(err.to_string()))?;
+        Ok(report.to_json())
+    }
+
     /// A JSON StatusReport: running kernel, default target, the running and the last update.
     async fn status(&self) -> Result<String, KupError> {
         let engine = Arc::clone(&self.shared.engine);

@@ -253,6 +253,18 @@ impl Engine for FakeEngine {
             reason: String::new(),
         }]
     }
+
+    fn dry_run(&self, target: &str) -> Result<kup_dbus::DryRunReport, EngineError> {
+        Ok(kup_dbus::DryRunReport {
+            target: target.to_owned(),
+            units: vec![kup_dbus::DryRunUnit {
+                name: "memcached.service".into(),
+                restorable: true,
+                ..kup_dbus::DryRunUnit::default()
+            }],
+            ..kup_dbus::DryRunReport::default()
+        })
+    }
 }
 
 /// Opens the engine's gate when dropped, so a failing test never leaves a blocking thread
@@ -757,6 +769,27 @@ async fn can_update_answers_without_touching_anything() {
     let (can, _, reason) = manager.can_update("7.3.4").await.expect("CanUpdate");
     assert!(!can);
     assert!(reason.contains(path.as_str()), "{reason}");
+    s.engine.gate.open();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_needs_authorization_and_reports_each_unit() {
+    let Some(s) = setup().await else { return };
+    let manager = Manager1Proxy::new(&s.client).await.expect("proxy");
+    s.authority.deny.store(true, Ordering::SeqCst);
+    let err = manager.dry_run("7.3.4").await.expect_err("denied");
+    assert_eq!(error_name(&err).as_deref(), Some(ERROR_NOT_AUTHORIZED));
+    s.authority.deny.store(false, Ordering::SeqCst);
+    let report =
+        kup_dbus::DryRunReport::from_json(&manager.dry_run("7.3.4").await.expect("DryRun"))
+            .expect("a DryRunReport");
+    assert_eq!(report.target, "7.3.4");
+    assert_eq!(report.units.len(), 1);
+    assert!(report.units[0].restorable);
+    assert!(
+        status(&s.client).await.active_update.is_none(),
+        "no update object"
+    );
     s.engine.gate.open();
 }
 

@@ -269,7 +269,7 @@ pub fn start(dir: &Path, image: &Image, opts: &StartOptions) -> Result<Up> {
         console_offset: 0,
     };
     save(dir, &state)?;
-    match wait_for_boot(dir, &mut state, opts.boot_timeout) {
+    match wait_for_boot(dir, &mut state, opts.boot_timeout, false) {
         Ok(up) => Ok(up),
         Err(e) => {
             // A guest that never came up is of no use to anyone: do not leave it holding the ports.
@@ -280,7 +280,7 @@ pub fn start(dir: &Path, image: &Image, opts: &StartOptions) -> Result<Up> {
 }
 
 /// Waits for a boot other than `state.boot_id` to answer and reach multi-user.target.
-fn wait_for_boot(dir: &Path, state: &mut State, timeout: Duration) -> Result<Up> {
+fn wait_for_boot(dir: &Path, state: &mut State, timeout: Duration, crash_ok: bool) -> Result<Up> {
     let t0 = Instant::now();
     let mut answered_after = None;
     loop {
@@ -293,7 +293,7 @@ fn wait_for_boot(dir: &Path, state: &mut State, timeout: Duration) -> Result<Up>
         let raw = std::fs::read(console_path(dir)).unwrap_or_default();
         let log =
             String::from_utf8_lossy(raw.get(state.console_offset..).unwrap_or(&raw)).into_owned();
-        if let Some(crash) = console::find_crash(&log) {
+        if let Some(crash) = console::find_crash(&log).filter(|_| !crash_ok) {
             bail!(
                 "the guest kernel crashed (seen on the serial console; if it recurs under TCG, try KUP_LAB_TCG_THREAD=single):\n{crash}"
             );
@@ -331,10 +331,11 @@ fn wait_for_boot(dir: &Path, state: &mut State, timeout: Duration) -> Result<Up>
     }
 }
 
-/// Waits until the guest answers again from a new boot (after kexec or reboot).
-pub fn wait(dir: &Path, timeout: Duration) -> Result<Up> {
+/// Waits until the guest answers again from a new boot (after kexec or reboot). With `crash_ok`, a
+/// kernel crash on the console on the way (a fault test's panic) is not an error.
+pub fn wait(dir: &Path, timeout: Duration, crash_ok: bool) -> Result<Up> {
     let mut state = load(dir)?;
-    wait_for_boot(dir, &mut state, timeout)
+    wait_for_boot(dir, &mut state, timeout, crash_ok)
 }
 
 /// Powers the guest off and removes its run directory. `Ok(false)` when no guest was there.

@@ -151,3 +151,139 @@ fn a_restore_that_fails_on_the_new_kernel_falls_back_to_the_previous_one() {
         "the fallback boots the previous kernel with its own command line: {cmdline}"
     );
 }
+
+/// Waits until memcached is no longer running in the guest and the handoff lists it as dumped.
+fn wait_dumped(lab: &Lab) {
+    let state = lab.exec(
+        "for i in $(seq 600); do grep -q '\"state\": \"dumped\"' /var/lib/kup/handoff/manifest.json 2>/dev/null && \
+         [ \"$(systemctl show -p MainPID --value memcached)\" = 0 ] && echo dumped && exit 0; sleep 0.5; done; echo still-running",
+    );
+    assert_eq!(state, "dumped");
+}
+
+/// After a boot kup did not make: memcached is back as before, from the images, and kupctl says
+/// the handoff was resumed.
+fn check_resumed(lab: &Lab, port: u16, pid: &str, kept: &mut memcached::Kept) {
+    assert_eq!(lab.exec("uname -r"), OLD);
+    assert_eq!(lab.exec("systemctl is-active memcached"), "active");
+    assert_eq!(
+        lab.exec("systemctl show -p MainPID --value memcached"),
+        pid,
+        "memcached keeps its PID"
+    );
+    assert_eq!(memcached::verify(port, KEYS).unwrap(), (KEYS, 0));
+    assert!(
+        kept.get_matches(5).unwrap_or_else(|e| panic!(
+            "the connection from {} kept across the unplanned boot broke: {e}",
+            kept.local_addr()
+        )),
+        "the kept connection answered key 5 wrongly"
+    );
+    let status = lab.exec("kupctl status --json");
+    assert!(status.contains("\"result\": \"resumed\""), "{status}");
+    assert!(status.contains("did not finish"), "{status}");
+    let early =
+        lab.exec("journalctl -b -o cat --no-pager | grep 'kup: unfinished handoff' || true");
+    assert!(
+        early.contains("restoring it here"),
+        "the early boot says why it restores: {early}"
+    );
+    assert_eq!(
+        lab.exec("test -e /var/lib/kup/handoff && echo unfinished || echo finished"),
+        "finished"
+    );
+}
+
+#[test]
+#[ignore = "lab: boots QEMU guests; run through tests/run"]
+fn a_boot_kup_did_not_make_restores_the_unfinished_handoff() {
+    let tree = common::install_tree("resume", EAGER);
+    let lab = Lab::new("resume");
+    let port = free_port();
+    lab.ok(&[
+        "start",
+        "--kernel",
+        OLD,
+        "--mem",
+        "2048",
+        "--forward",
+        &format!("{port}:11211"),
+        "--payload-tree",
+        tree.to_str().unwrap(),
+    ]);
+    memcached::load(port, KEYS).expect("load memcached from the host");
+    let pid = lab.exec("systemctl show -p MainPID --value memcached");
+    let mut kept = memcached::Kept::open(port).expect("connect a kept client");
+
+    // Row "power cut right after the final dump": on NEW (reached by an ordinary update that arms a
+    // failpoint holding the next update just before its switch), an update back to OLD dumps
+    // memcached; then the machine is reset with no shutdown and no sync (sysrq b, as a power cut).
+    // The firmware boots the default kernel (OLD, the lab's -kernel), whose early boot finds the
+    // unfinished handoff and restores memcached there.
+    let (code, out, err) = lab.try_exec(&format!(
+        "kupctl update --kernel {NEW} --append 'kup.failpoints=images-corrupt=1*return;switch=sleep(600000)'"
+    ));
+    assert!(code == 0 || code == 255, "{out}{err}");
+    let (kernel, _) = up_line(&lab.ok(&["wait", "--timeout", "400"]));
+    assert_eq!(kernel, NEW);
+    assert_eq!(lab.exec("systemctl show -p MainPID --value memcached"), pid);
+
+    // Row "image corrupted before the switch": the first update from NEW finds memcached's fresh
+    // checkpoint one page short (a failpoint cuts it) while CRIU still holds the tree; the dump
+    // fails, CRIU resumes memcached, and nothing is switched.
+    let (code, out, err) = lab.try_exec(&format!("kupctl update --kernel {OLD}"));
+    eprint!("{out}{err}");
+    assert!(code != 0 && code != 255, "the update must fail: {out}{err}");
+    assert!(err.contains("images are not whole"), "{err}");
+    assert!(err.contains("keeps running"), "{err}");
+    assert_eq!(lab.exec("uname -r"), NEW);
+    assert_eq!(
+        lab.exec("systemctl show -p MainPID --value memcached"),
+        pid,
+        "memcached was never stopped"
+    );
+    assert_eq!(memcached::verify(port, KEYS).unwrap(), (KEYS, 0));
+    assert!(
+        kept.get_matches(4).unwrap(),
+        "the kept connection still answers"
+    );
+    assert_eq!(
+        lab.exec("test -e /var/lib/kup/handoff && echo left || echo none"),
+        "none"
+    );
+    lab.exec(&format!(
+        "systemd-run --unit kup-test-update --no-block kupctl update --kernel {OLD}"
+    ));
+    wait_dumped(&lab);
+    let journal = lab.exec(
+        "journalctl -b -u kupd -o cat --no-pager | grep -E 'failpoints armed|final dump' || true",
+    );
+    assert!(
+        journal.contains("failpoints armed: images-corrupt, switch"),
+        "{journal}"
+    );
+    // In the background: the agent's answer must leave before the machine goes.
+    lab.exec("nohup sh -c 'sleep 1; echo b > /proc/sysrq-trigger' >/dev/null 2>&1 &");
+    let (kernel, _) = up_line(&lab.ok(&["wait", "--timeout", "400"]));
+    assert_eq!(kernel, OLD);
+    check_resumed(&lab, port, &pid, &mut kept);
+
+    // Row "the new kernel panics": a failpoint crashes NEW while it restores memcached; kup gave NEW
+    // panic=10, so it reboots, into OLD, which restores the unfinished handoff.
+    let (code, out, err) = lab.try_exec(&format!(
+        "kupctl update --kernel {NEW} --append kup.failpoints=restore-panic=return"
+    ));
+    assert!(code == 0 || code == 255, "{out}{err}");
+    let (kernel, _) = up_line(&lab.ok(&["wait", "--timeout", "500", "--crash-ok"]));
+    assert_eq!(kernel, OLD);
+    let console = lab.ok(&["console"]);
+    assert!(
+        console.contains("Kernel panic - not syncing: sysrq triggered crash"),
+        "NEW panicked"
+    );
+    assert!(
+        console.contains(&format!("Linux version {NEW}")) && console.contains(" panic=10"),
+        "NEW booted with panic=10"
+    );
+    check_resumed(&lab, port, &pid, &mut kept);
+}

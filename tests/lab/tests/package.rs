@@ -127,6 +127,7 @@ fn the_package_installs_updates_through_the_kernel_hook_and_purges_clean() {
     let introspect = lab.exec("busctl introspect --no-pager org.kup.Manager1 /org/kup/Manager1");
     let expected: Vec<(String, String, String)> = [
         ("CanUpdate", "s", "bss"),
+        ("DryRun", "s", "s"),
         ("Status", "-", "s"),
         ("Units", "-", "s"),
         ("Update", "sa{sv}", "o"),

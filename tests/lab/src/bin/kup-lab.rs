@@ -58,6 +58,9 @@ enum Cmd {
     Wait {
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// A kernel crash on the console before the new boot (an injected panic) is expected.
+        #[arg(long)]
+        crash_ok: bool,
     },
     /// Print the guest's serial console log so far.
     Console,
@@ -143,8 +146,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             )?;
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
-        Cmd::Wait { timeout } => {
-            let up = vm::wait(&dir, Duration::from_secs(timeout))?;
+        Cmd::Wait { timeout, crash_ok } => {
+            let up = vm::wait(&dir, Duration::from_secs(timeout), crash_ok)?;
             eprintln!(
                 "lab: new boot answered after {:.1} s (uptime {:.1} s), multi-user after {:.1} s",
                 up.answered_after, up.welcome.uptime_s, up.multi_user_after
