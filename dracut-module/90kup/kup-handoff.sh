@@ -11,9 +11,12 @@ type getarg >/dev/null 2>&1 || . /lib/dracut-lib.sh
 root=${NEWROOT:-/sysroot}
 handoff=$root/var/lib/kup/handoff
 ondisk=$(cat "$handoff/id" 2>/dev/null)
+# kup writes the manifest twice (manifest.json, then manifest.copy.json): either will do.
+manifest=$handoff/manifest.json
+[ -r "$manifest" ] || manifest=$handoff/manifest.copy.json
 id=$(getarg kup.handoff=)
 if [ -z "$id" ]; then
-    if [ -z "$ondisk" ] || [ ! -r "$handoff/manifest.json" ]; then
+    if [ -z "$ondisk" ] || [ ! -r "$manifest" ]; then
         return 0 2>/dev/null || exit 0
     fi
     id=$ondisk
@@ -26,8 +29,8 @@ refuse() {
     echo "$1" > /run/kup/refused
     warn "kup: handoff $id cannot be restored: $1"
 }
-if [ ! -r "$handoff/manifest.json" ]; then
-    refuse "no manifest at /var/lib/kup/handoff/manifest.json"
+if [ ! -r "$manifest" ]; then
+    refuse "no manifest at /var/lib/kup/handoff/manifest.json nor its copy manifest.copy.json"
 elif [ "$ondisk" != "$id" ]; then
     refuse "the manifest on disk belongs to handoff $ondisk, not $id"
 else

@@ -35,6 +35,18 @@ pub fn arm_from_cmdline() -> Result<Vec<String>, String> {
     Ok(armed)
 }
 
+/// Starts a `sleep` that gets PID `pid` when it is free (the next PID the kernel hands out is
+/// `ns_last_pid` + 1).
+pub fn take_pid(pid: i32) {
+    let _ = std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1));
+    let _ = std::process::Command::new("sleep")
+        .arg("600")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+}
+
 /// Cuts the largest `pages-*.img` of a checkpoint one page short, as a failing disk would leave it.
 pub fn truncate_pages(images: &Path) {
     let largest = std::fs::read_dir(images).ok().and_then(|es| {

@@ -1,7 +1,8 @@
 //! The versioned handoff manifest: what was checkpointed before a kernel switch and how to bring it
 //! back, written atomically so that a crash never leaves a half manifest.
 //!
-//! Layout of a handoff directory: `manifest.json` (the manifest), `lock` (flock'd by writers),
+//! Layout of a handoff directory: `manifest.json` (the manifest), `manifest.copy.json` (its second
+//! copy, written after it, read when the first is damaged), `lock` (flock'd by writers),
 //! `manifest.json.tmp` (a write in progress; ignored by readers). [`Manifest::from_json`] and
 //! [`Manifest::to_json`] are pure; [`write_atomic`] and [`read`] do the file I/O.
 
@@ -15,6 +16,8 @@ use serde::{Deserialize, Serialize};
 pub const MANIFEST_VERSION: u32 = 1;
 /// File name of the manifest inside a handoff directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// File name of the manifest's second copy, written after it: read when the first is damaged.
+pub const MANIFEST_COPY_FILE: &str = "manifest.copy.json";
 /// File name of a manifest being written (never read).
 pub const MANIFEST_TMP_FILE: &str = "manifest.json.tmp";
 /// File name of the writers' lock.
@@ -264,7 +267,9 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ManifestE
 
 /// Writes `manifest` to `dir/manifest.json` so that readers see the old or the new manifest, never
 /// a mix: under an exclusive flock on `dir/lock`, write `manifest.json.tmp`, fsync it, rename it over
-/// `manifest.json`, fsync `dir`. Creates `dir` if needed. Blocks while another writer holds the lock.
+/// `manifest.json`, fsync `dir`; then the same for the second copy `manifest.copy.json` (a disk
+/// that damages one file leaves the other). Creates `dir` if needed. Blocks while another writer
+/// holds the lock.
 pub fn write_atomic(dir: &Path, manifest: &Manifest) -> Result<(), ManifestError> {
     let bytes = manifest.to_json()?;
     std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
@@ -284,29 +289,52 @@ pub fn write_atomic(dir: &Path, manifest: &Manifest) -> Result<(), ManifestError
         },
     )?;
 
-    let tmp = dir.join(MANIFEST_TMP_FILE);
-    let mut file = File::create(&tmp).map_err(io("create", &tmp))?;
-    file.write_all(&bytes).map_err(io("write", &tmp))?;
-    file.sync_all().map_err(io("fsync", &tmp))?;
-    drop(file);
-
-    let dest = manifest_path(dir);
-    std::fs::rename(&tmp, &dest).map_err(io("rename into place", &dest))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync directory", dir))?;
+    for dest in [manifest_path(dir), dir.join(MANIFEST_COPY_FILE)] {
+        let tmp = dir.join(MANIFEST_TMP_FILE);
+        let mut file = File::create(&tmp).map_err(io("create", &tmp))?;
+        file.write_all(&bytes).map_err(io("write", &tmp))?;
+        file.sync_all().map_err(io("fsync", &tmp))?;
+        drop(file);
+        std::fs::rename(&tmp, &dest).map_err(io("rename into place", &dest))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync directory", dir))?;
+    }
     Ok(())
 }
 
 /// Reads `dir/manifest.json` (a leftover `manifest.json.tmp` is ignored).
 pub fn read(dir: &Path) -> Result<Manifest, ManifestError> {
-    let path = manifest_path(dir);
-    let bytes = match std::fs::read(&path) {
+    let first = read_file(&manifest_path(dir));
+    match first {
+        Err(ManifestError::Corrupt { .. } | ManifestError::Io { .. }) => {
+            // A damaged first copy: the second, written after it, is as new or newer.
+            match read_file(&dir.join(MANIFEST_COPY_FILE)) {
+                Ok(m) => {
+                    if let Err(e) = &first {
+                        tracing::warn!(
+                            kup_phase = "restore",
+                            "kup: {e}; using its second copy {MANIFEST_COPY_FILE}"
+                        );
+                    }
+                    Ok(m)
+                }
+                Err(_) => first,
+            }
+        }
+        other => other,
+    }
+}
+
+fn read_file(path: &Path) -> Result<Manifest, ManifestError> {
+    let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ManifestError::Missing { path });
+            return Err(ManifestError::Missing {
+                path: path.to_path_buf(),
+            });
         }
-        Err(e) => return Err(io("read", &path)(e)),
+        Err(e) => return Err(io("read", path)(e)),
     };
     Manifest::from_json_named(&format!("handoff manifest {}", path.display()), &bytes)
 }
@@ -396,6 +424,19 @@ mod tests {
             !text.contains("\"fallback\""),
             "no fallback field unless one: {text}"
         );
+    }
+
+    #[test]
+    fn a_damaged_manifest_is_read_from_its_second_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = sample();
+        write_atomic(dir.path(), &m).unwrap();
+        std::fs::write(manifest_path(dir.path()), b"{\"version\": 1, \"id\": \"x").unwrap();
+        assert_eq!(read(dir.path()).unwrap(), m);
+        // Both damaged: the first copy's error, naming it.
+        std::fs::write(dir.path().join(MANIFEST_COPY_FILE), b"garbage").unwrap();
+        let err = read(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("manifest.json is corrupt"), "{err}");
     }
 
     #[test]

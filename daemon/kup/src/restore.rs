@@ -151,6 +151,11 @@ fn restore_unit(unit: &str) -> Result<i32, RestoreError> {
         .ok_or_else(|| RestoreError::NotInManifest(unit.to_owned()))?
         .clone();
     let holder = find_holder(unit)?;
+    // Fault tests: another process takes the unit's main PID first.
+    #[cfg(feature = "failpoints")]
+    if fail::eval("pid-taken", |_| ()).is_some() {
+        crate::failpoints::take_pid(u.main_pid);
+    }
     for &pid in &u.pids {
         if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
             return Err(RestoreError::PidTaken {

@@ -49,6 +49,14 @@ pub enum UpdateError {
     )]
     InitrdWithoutModule { initrd: String, version: String },
     #[error(
+        "the image directory {dir} has {free_mib} MiB free, but the marked units' memory needs about {need_mib} MiB there; nothing was touched: free space there or point image_dir in /etc/kup/kup.toml at a larger filesystem"
+    )]
+    NoSpace {
+        dir: String,
+        free_mib: u64,
+        need_mib: u64,
+    },
+    #[error(
         "the running kernel {version} cannot be the fallback if the restore fails on the new one: {reason}; fix: {fix}"
     )]
     NoFallback {
@@ -143,6 +151,7 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
         });
     }
     preflight_fallback(&running_kernel())?;
+    preflight_space(settings)?;
     Ok(Plan {
         id,
         target,
@@ -155,6 +164,56 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
             grace: settings.update.grace,
         },
     })
+}
+
+/// The checkpoints must fit: the marked units' memory (anonymous and shared pages of every
+/// process, plus a tenth and 64 MiB for CRIU's metadata) against the free space of `image_dir`.
+fn preflight_space(settings: &Settings) -> Result<(), UpdateError> {
+    let mut need_kib = 0;
+    for u in &settings.units {
+        let Some(pid) = systemd::main_pid(&u.name)? else {
+            continue;
+        };
+        for p in criu::tree_pids(pid).unwrap_or_default() {
+            if let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) {
+                need_kib += process_memory_kib(&status, p);
+            }
+        }
+    }
+    let need_mib = (need_kib + need_kib / 10) / 1024 + 64;
+    // The directory may not exist yet: its nearest existing ancestor holds it then.
+    let dir = &settings.update.image_dir;
+    let existing = dir
+        .ancestors()
+        .find(|d| d.exists())
+        .unwrap_or(Path::new("/"));
+    let free_mib = nix::sys::statvfs::statvfs(existing)
+        .map(|s| (s.blocks_available() * s.fragment_size()) >> 20)
+        .map_err(|e| io(format!("reading the free space of {}", existing.display()))(e.into()))?;
+    if need_mib > free_mib {
+        return Err(UpdateError::NoSpace {
+            dir: dir.display().to_string(),
+            free_mib,
+            need_mib,
+        });
+    }
+    Ok(())
+}
+
+/// The memory a checkpoint of task `tid` holds, from its `/proc/TID/status`: RssAnon + RssShmem,
+/// counted once per process (threads, whose Tgid is another, share it).
+pub fn process_memory_kib(status: &str, tid: i32) -> u64 {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    if field("Tgid:").is_some_and(|tgid| tgid != u64::try_from(tid).unwrap_or(0)) {
+        return 0;
+    }
+    field("RssAnon:").unwrap_or(0) + field("RssShmem:").unwrap_or(0)
 }
 
 /// `uname -r` of the running kernel.
@@ -322,6 +381,15 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         write_boot_files(&m)?;
     }
     progress("switch", 90);
+    // Fault tests: a disk that damages the manifest after it was written.
+    #[cfg(feature = "failpoints")]
+    if fail::eval("manifest-corrupt", |_| ()).is_some() {
+        let _ = std::fs::write(
+            manifest::manifest_path(handoff),
+            b"{\"version\": 1, \"id\": \"dam",
+        );
+        nix::unistd::sync();
+    }
     // Fault tests: hold the update here, every unit dumped, the switch not begun (a power cut now).
     fail::fail_point!("switch");
     if let Err(e) = kexec::load(&plan.target).and_then(|()| kexec::switch()) {
@@ -507,6 +575,15 @@ pub(crate) fn rollback(m: &Manifest) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_memory_counts_once_for_all_its_threads() {
+        let status = "Name:\tmemcached\nTgid:\t812\nPid:\t812\nRssAnon:\t  204800 kB\nRssFile:\t 1000 kB\nRssShmem:\t     24 kB\n";
+        assert_eq!(process_memory_kib(status, 812), 204_824);
+        let thread = status.replace("Pid:\t812", "Pid:\t813");
+        assert_eq!(process_memory_kib(&thread, 813), 0);
+        assert_eq!(process_memory_kib("Name:\tx\n", 5), 0);
+    }
 
     #[test]
     fn io_uring_descriptors_cannot_be_checkpointed() {

@@ -35,17 +35,7 @@ fn dry_run_reports_each_unit_and_disturbs_none() {
     std::fs::write(units.join("kup-lab-uring.service"), URING_UNIT).unwrap();
     let lab = Lab::new("dryrun");
     let port = free_port();
-    lab.ok(&[
-        "start",
-        "--kernel",
-        OLD,
-        "--mem",
-        "2048",
-        "--forward",
-        &format!("{port}:11211"),
-        "--payload-tree",
-        tree.to_str().unwrap(),
-    ]);
+    lab.boot_old(&tree, port);
     lab.exec("systemctl daemon-reload && systemctl start kup-lab-uring");
     assert_eq!(lab.exec("systemctl is-active kup-lab-uring"), "active");
     memcached::load(port, KEYS).expect("load memcached from the host");

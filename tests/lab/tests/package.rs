@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Lab, NEW, OLD, free_port, memcached, up_line};
+use common::{Lab, NEW, free_port, memcached, up_line};
 
 const KEYS: u32 = 20_000;
 
@@ -101,15 +101,7 @@ fn the_package_installs_updates_through_the_kernel_hook_and_purges_clean() {
     let tree = common::package_tree("package");
     let lab = Lab::new("package");
     let port = free_port();
-    lab.ok(&[
-        "start",
-        "--kernel",
-        OLD,
-        "--forward",
-        &format!("{port}:11211"),
-        "--payload-tree",
-        tree.to_str().unwrap(),
-    ]);
+    lab.boot_old(&tree, port);
     assert_eq!(
         lab.exec("dpkg-query -W -f '${Status}' kup"),
         "install ok installed"
@@ -188,12 +180,7 @@ fn the_package_installs_updates_through_the_kernel_hook_and_purges_clean() {
     let up = lab.ok(&["wait", "--timeout", "600"]);
     let (kernel, _) = up_line(&up);
     assert_eq!(kernel, NEW);
-    assert_eq!(
-        lab.exec("systemctl show -p MainPID --value memcached"),
-        pid,
-        "memcached is back as the same process"
-    );
-    assert_eq!(memcached::verify(port, KEYS).unwrap(), (KEYS, 0));
+    common::assert_memcached_kept(&lab, port, &pid, KEYS, "the update");
     let journal = lab.exec("journalctl -b -1 -u kup-update.timer -u kup-update.service --no-pager");
     assert!(
         journal.contains("kup-update.timer") && journal.contains(NEW),

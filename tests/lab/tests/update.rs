@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{Lab, MAJOR, NEW, OLD, free_port, memcached, up_line};
+use common::{Lab, MAJOR, NEW, free_port, memcached, up_line};
 
 /// memcached marked, restored lazily: it resumes before its memory is back, pages arrive on demand.
 const LAZY: &str = "[update]\nrestore = \"lazy\"\n\n[[unit]]\nname = \"memcached.service\"\n";
@@ -151,14 +151,7 @@ fn update(lab: &Lab, port: u16, cmd: &str, kernel: &str, config: &str) {
     assert!(kept.get_matches(7).unwrap());
     let probe = Probe::start(port);
     let t0 = Instant::now();
-    let (code, out, err) = lab.try_exec(cmd);
-    eprint!("{out}{err}");
-    // kupctl returns when the switch has begun, or loses the guest under it (255): both are fine;
-    // anything else is a refusal or a failure before the switch.
-    assert!(
-        code == 0 || code == 255,
-        "{cmd} failed with {code}:\n{out}\n{err}"
-    );
+    lab.begin_switch(cmd);
     let waited = lab.ok(&["wait", "--timeout", "400"]);
     let switch = t0.elapsed();
     let (k, boot) = up_line(&waited);
@@ -169,14 +162,8 @@ fn update(lab: &Lab, port: u16, cmd: &str, kernel: &str, config: &str) {
     }
     let outage = probe.finish();
     let t_kept = Instant::now();
-    assert!(
-        kept.get_matches(7).unwrap_or_else(|e| panic!(
-            "the connection from {} kept across the update broke: {e}",
-            kept.local_addr()
-        )),
-        "the kept connection answered key 7 wrongly"
-    );
-    assert!(kept.get_matches(KEYS - 1).unwrap());
+    kept.assert_answers(7, "the update");
+    kept.assert_answers(KEYS - 1, "the update");
     eprintln!(
         "kept connection {}: answers on the new kernel ({:.1} s after the service was back)",
         kept.local_addr(),
@@ -213,17 +200,7 @@ fn updates_forward_to_a_point_release_and_a_major_release_then_back_down() {
     .unwrap();
     let lab = Lab::new("update");
     let port = free_port();
-    lab.ok(&[
-        "start",
-        "--kernel",
-        OLD,
-        "--mem",
-        "2048",
-        "--forward",
-        &format!("{port}:11211"),
-        "--payload-tree",
-        tree.to_str().unwrap(),
-    ]);
+    lab.boot_old(&tree, port);
     lab.exec("useradd -m kupadmin");
     let t = Instant::now();
     let bytes = memcached::load(port, KEYS).expect("load memcached from the host");

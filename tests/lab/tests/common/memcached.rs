@@ -49,6 +49,21 @@ impl Kept {
         self.local
     }
 
+    /// Asserts that key `i` comes back right on this very connection after `across` (e.g. "the
+    /// update").
+    pub fn assert_answers(&mut self, i: u32, across: &str) {
+        let right = self.get_matches(i).unwrap_or_else(|e| {
+            panic!(
+                "the connection from {} kept across {across} broke: {e}",
+                self.local
+            )
+        });
+        assert!(
+            right,
+            "the connection kept across {across} answered key {i} wrongly"
+        );
+    }
+
     /// `get` of key number `i` on this connection: whether it came back with its exact value.
     pub fn get_matches(&mut self, i: u32) -> std::io::Result<bool> {
         self.stream

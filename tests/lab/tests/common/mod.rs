@@ -47,6 +47,33 @@ impl Lab {
         stdout
     }
 
+    /// Boots OLD (2 GiB) with `tree` as the payload (kup's package installed at first boot) and
+    /// the guest's memcached on 127.0.0.1:`port` of the host.
+    pub fn boot_old(&self, tree: &std::path::Path, port: u16) {
+        self.ok(&[
+            "start",
+            "--kernel",
+            OLD,
+            "--mem",
+            "2048",
+            "--forward",
+            &format!("{port}:11211"),
+            "--payload-tree",
+            tree.to_str().unwrap(),
+        ]);
+    }
+
+    /// Runs `cmd`, which begins a kernel switch: kupctl returns once the switch has begun (0) or
+    /// loses the guest under it (255); anything else is a refusal or a failure before the switch.
+    pub fn begin_switch(&self, cmd: &str) {
+        let (code, out, err) = self.try_exec(cmd);
+        eprint!("{out}{err}");
+        assert!(
+            code == 0 || code == 255,
+            "{cmd} failed with {code}:\n{out}\n{err}"
+        );
+    }
+
     /// Runs a shell command in the guest that must succeed; returns its trimmed stdout.
     pub fn exec(&self, cmd: &str) -> String {
         self.ok(&["exec", "--", cmd]).trim().to_owned()
@@ -77,6 +104,18 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Asserts that memcached runs as before `across`: active, with main PID `pid`, and keys
+/// 0..`keys` all there and identical (read from the host).
+pub fn assert_memcached_kept(lab: &Lab, port: u16, pid: &str, keys: u32, across: &str) {
+    assert_eq!(lab.exec("systemctl is-active memcached"), "active");
+    assert_eq!(
+        lab.exec("systemctl show -p MainPID --value memcached"),
+        pid,
+        "memcached keeps its PID across {across}"
+    );
+    assert_eq!(memcached::verify(port, keys).unwrap(), (keys, 0));
 }
 
 /// The (kernel, boot id) of a `lab: up` line.
