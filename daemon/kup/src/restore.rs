@@ -470,11 +470,17 @@ pub fn finish() -> Result<String, RestoreError> {
 pub const LOG_DIR: &str = "/var/log/kup";
 
 /// Keeps CRIU's logs of `unit` (dump, restore, lazy-pages) in [`LOG_DIR`] and removes its images.
+/// The lazy-pages server and `finish` may both get here: the first to rename the images away does
+/// it, the other finds nothing (and must not wipe the logs the first kept).
 fn release_images(unit: &str, images: &Path) {
+    let claimed = PathBuf::from(format!("{}.releasing", images.display()));
+    if std::fs::rename(images, &claimed).is_err() {
+        return;
+    }
     let keep = Path::new(LOG_DIR).join(unit);
     let _ = std::fs::remove_dir_all(&keep);
     let _ = std::fs::create_dir_all(&keep);
-    if let Ok(entries) = std::fs::read_dir(images) {
+    if let Ok(entries) = std::fs::read_dir(&claimed) {
         for e in entries.flatten() {
             let name = e.file_name();
             if name.to_string_lossy().ends_with(".log") {
@@ -482,5 +488,5 @@ fn release_images(unit: &str, images: &Path) {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(images);
+    let _ = std::fs::remove_dir_all(&claimed);
 }
