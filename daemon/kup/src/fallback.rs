@@ -232,7 +232,7 @@ pub fn fall_back(m: &Manifest, failures: &[UnitFailure]) -> Result<String, Fallb
     let mut next = Manifest {
         version: manifest::MANIFEST_VERSION,
         id: id.clone(),
-        created: now(),
+        created: manifest::unix_now(),
         from_kernel: here.clone(),
         to_kernel: m.from_kernel.clone(),
         cmdline_old: std::fs::read_to_string("/proc/cmdline")
@@ -330,12 +330,6 @@ fn wait_lazy_complete(unit: &str) -> Result<(), FallbackError> {
     }
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Writes this boot's outcome to [`OUTCOME_FILE`] (atomically) and the journal.
 pub fn record(m: &Manifest, result: Verdict, message: &str, failures: &[UnitFailure]) {
     let outcome = Outcome {
@@ -345,7 +339,7 @@ pub fn record(m: &Manifest, result: Verdict, message: &str, failures: &[UnitFail
         message: message.to_owned(),
         failures: failures.to_vec(),
         fallback_of: m.fallback.clone(),
-        time: now(),
+        time: manifest::unix_now(),
     };
     match result {
         Verdict::Restored | Verdict::Resumed => {
@@ -360,11 +354,6 @@ pub fn record(m: &Manifest, result: Verdict, message: &str, failures: &[UnitFail
             let _ = std::fs::rename(&tmp, OUTCOME_FILE);
         }
     }
-}
-
-/// Reads the last outcome, if any.
-pub fn last() -> Option<Outcome> {
-    serde_json::from_slice(&std::fs::read(OUTCOME_FILE).ok()?).ok()
 }
 
 /// Lifts the network lock of every unit that runs as restored (their connections live again); the

@@ -247,12 +247,16 @@ pub fn is_valid_handoff_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
+/// Now, in unix seconds (0 before 1970): the manifest's and the outcome's timestamps.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// A fresh handoff id: `<unix seconds>-<8 random hex digits>`, e.g. `1767225600-3f9a2c1b`.
 pub fn new_handoff_id() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    format!("{secs}-{:08x}", rand::random::<u32>())
+    format!("{}-{:08x}", unix_now(), rand::random::<u32>())
 }
 
 /// Path of the manifest inside handoff directory `dir`.

@@ -334,10 +334,7 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
     let mut m = Manifest {
         version: manifest::MANIFEST_VERSION,
         id: plan.id.clone(),
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created: manifest::unix_now(),
         from_kernel: running_kernel(),
         to_kernel: plan.target.version.clone(),
         cmdline_old: std::fs::read_to_string("/proc/cmdline")
