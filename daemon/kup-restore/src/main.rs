@@ -21,7 +21,7 @@ fn main() -> Result<()> {
     }
     let to_journal = matches!(
         args.get(1).map(String::as_str),
-        Some("exec" | "finish" | "lazy")
+        Some("exec" | "finish" | "lazy" | "watchdog")
     ) && kup::logging::init("kup-restore") == kup::logging::LogTarget::Journal;
     // Fault tests: failpoints named on this kernel's command line (`kup.failpoints=`).
     #[cfg(feature = "failpoints")]
@@ -51,8 +51,19 @@ fn main() -> Result<()> {
             let n = kup::restore::netlock().context("locking the kept TCP connections")?;
             println!("kup: {n} established TCP connection(s) held until their units are restored");
         }
+        Some("watchdog") => {
+            let msg = kup::watchdog::feed_until_stopped(
+                std::time::Duration::from_secs(120),
+                std::time::Duration::from_secs(5),
+            )
+            .context("feeding the hardware watchdog")?;
+            println!("kup: {msg}");
+        }
         Some("finish") => {
-            let msg = kup::restore::finish().context("finishing the handoff")?;
+            let finished = kup::restore::finish();
+            // Decided, whichever way: the watchdog has done its part on this boot.
+            kup::restore::release_watchdog();
+            let msg = finished.context("finishing the handoff")?;
             // In the journal already, with its structured fields.
             if !to_journal {
                 println!("kup: {msg}");
@@ -65,7 +76,7 @@ fn main() -> Result<()> {
             kup::restore::generate(Path::new(early))?;
         }
         _ => bail!(
-            "usage: kup-restore exec UNIT | holder | lazy UNIT | netlock | finish | generator NORMAL EARLY LATE"
+            "usage: kup-restore exec UNIT | holder | lazy UNIT | netlock | watchdog | finish | generator NORMAL EARLY LATE"
         ),
     }
     Ok(())

@@ -17,6 +17,7 @@
 //! auto = "off"                            # after a kernel install: "off", "timer" or "now"
 //! health_timeout = 60                     # seconds a unit's health command may take
 //! grace = 5                               # seconds a restored unit must stay up before the boot is blessed
+//! kexec_watchdog = 180                    # seconds the new kernel has to reach kup's restore (hardware watchdog); 0 = off
 //!
 //! [[unit]]
 //! name = "memcached.service"
@@ -36,6 +37,10 @@ pub const MAX_PRECOPY_ROUNDS: u8 = 16;
 pub const DEFAULT_HEALTH_TIMEOUT: u16 = 60;
 /// Default `grace`, seconds.
 pub const DEFAULT_GRACE: u16 = 5;
+/// Default `kexec_watchdog`, seconds.
+pub const DEFAULT_KEXEC_WATCHDOG: u16 = 180;
+/// Shortest `kexec_watchdog` other than 0: no kernel boots faster.
+pub const MIN_KEXEC_WATCHDOG: u16 = 30;
 /// Default `image_dir`.
 pub const DEFAULT_IMAGE_DIR: &str = "/var/lib/kup/images";
 
@@ -211,6 +216,10 @@ pub struct UpdateSettings {
     /// Seconds every restored unit must stay active with its restored main PID, after the health
     /// checks, before the new kernel is blessed (else: fallback to the previous kernel).
     pub grace: u16,
+    /// Seconds the new kernel has, from the kexec, until kup's restore takes over the hardware
+    /// watchdog (which resets the machine into the firmware's default kernel when it runs out: a
+    /// new kernel that hangs); 0 = kup leaves the watchdog alone.
+    pub kexec_watchdog: u16,
 }
 
 impl Default for UpdateSettings {
@@ -225,6 +234,7 @@ impl Default for UpdateSettings {
             auto: crate::install::Auto::Off,
             health_timeout: DEFAULT_HEALTH_TIMEOUT,
             grace: DEFAULT_GRACE,
+            kexec_watchdog: DEFAULT_KEXEC_WATCHDOG,
         }
     }
 }
@@ -282,6 +292,8 @@ pub struct UpdateFragment {
     pub health_timeout: Option<u16>,
     #[serde(default, deserialize_with = "de_grace")]
     pub grace: Option<u16>,
+    #[serde(default, deserialize_with = "de_kexec_watchdog")]
+    pub kexec_watchdog: Option<u16>,
 }
 
 /// Parses one file's text. `path` is only used in error messages.
@@ -342,6 +354,9 @@ impl Settings {
         }
         if let Some(g) = u.grace {
             self.update.grace = g;
+        }
+        if let Some(w) = u.kexec_watchdog {
+            self.update.kexec_watchdog = w;
         }
         for unit in fragment.units {
             match self.units.iter_mut().find(|u| u.name == unit.name) {
@@ -527,6 +542,16 @@ fn de_grace<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
     de_seconds(d, "grace", 0, 600)
 }
 
+fn de_kexec_watchdog<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    let n = i64::deserialize(d)?;
+    match u16::try_from(n) {
+        Ok(s) if s == 0 || (MIN_KEXEC_WATCHDOG..=3600).contains(&s) => Ok(Some(s)),
+        _ => Err(serde::de::Error::custom(format!(
+            "kexec_watchdog = {n} is out of range; give seconds from {MIN_KEXEC_WATCHDOG} to 3600 (no kernel boots faster), or 0 for off"
+        ))),
+    }
+}
+
 fn de_restore<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RestoreMode>, D::Error> {
     match String::deserialize(d)?.as_str() {
         "eager" => Ok(Some(RestoreMode::Eager)),
@@ -565,6 +590,7 @@ precopy_rounds = 3
 restore = "lazy"
 health_timeout = 20
 grace = 0
+kexec_watchdog = 90
 
 [[unit]]
 name = "memcached.service"
@@ -583,6 +609,7 @@ name = "redis-server.service"
         assert_eq!(s.update.precopy_rounds, 3);
         assert_eq!(s.update.restore, RestoreMode::Lazy);
         assert_eq!((s.update.health_timeout, s.update.grace), (20, 0));
+        assert_eq!(s.update.kexec_watchdog, 90);
         assert_eq!(s.units.len(), 2);
         assert_eq!(
             s.unit("memcached.service").unwrap().health.as_deref(),
@@ -755,6 +782,7 @@ name = "redis-server.service"
             ("precopy_rounds = \"3\"", "invalid type"),
             ("health_timeout = 0", "give seconds from 1 to 3600"),
             ("grace = 601", "give seconds from 0 to 600"),
+            ("kexec_watchdog = 10", "or 0 for off"),
         ];
         for (line, why) in cases {
             let err = parse_fragment(p("v.toml"), &format!("\n[update]\n{line}\n")).unwrap_err();

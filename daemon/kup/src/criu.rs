@@ -27,6 +27,16 @@ pub enum CriuError {
         log: String,
         tail: String,
     },
+    #[error(
+        "criu {action} of {what} died before answering ({status}); its log {log} ends with:\n{tail}"
+    )]
+    Died {
+        action: &'static str,
+        what: String,
+        status: String,
+        log: String,
+        tail: String,
+    },
     #[error("cannot read /proc/{pid}: {source} (did the process exit?)")]
     Proc { pid: i32, source: std::io::Error },
     #[error(
@@ -478,6 +488,9 @@ impl Call<'_> {
             })?;
         // CRIU opens the image directory as /proc/<our pid>/fd/<dir_fd>: `dir` stays open until it answers.
         drop((criu, theirs));
+        // Fault tests: CRIU killed in the middle of its work (see `failpoints::criu_kill`).
+        #[cfg(feature = "failpoints")]
+        let kill_at = crate::failpoints::criu_kill(action.name(), pid, child.id());
 
         let fail = |reason: String| {
             let log = images.join(format!("{}.log", action.name()));
@@ -498,13 +511,41 @@ impl Call<'_> {
             let n = recv(ours.as_raw_fd(), &mut buf, MsgFlags::empty())
                 .map_err(sys("recv from criu"))?;
             if n == 0 {
-                let _ = child.wait();
-                return Err(fail("criu exited without answering".into()));
+                let status = child
+                    .wait()
+                    .map(|st| st.to_string())
+                    .unwrap_or_else(|e| format!("not waitable: {e}"));
+                let log = images.join(format!("{}.log", action.name()));
+                return Err(CriuError::Died {
+                    action: action.name(),
+                    what: what.to_owned(),
+                    status,
+                    log: log.display().to_string(),
+                    tail: log_errors(&log),
+                });
             }
             let resp = rpc::Criu_resp::parse_from_bytes(&buf[..n])
                 .map_err(|e| fail(format!("unreadable answer: {e}")))?;
             if resp.type_() == rpc::Criu_req_type::NOTIFY {
+                #[cfg(feature = "failpoints")]
+                if crate::failpoints::criu_kill_now(
+                    &kill_at,
+                    resp.notify.script(),
+                    child.id(),
+                    false,
+                ) {
+                    continue;
+                }
                 let ok = on_notify(resp.notify.script());
+                #[cfg(feature = "failpoints")]
+                if crate::failpoints::criu_kill_now(
+                    &kill_at,
+                    resp.notify.script(),
+                    child.id(),
+                    true,
+                ) {
+                    continue;
+                }
                 let mut ack = rpc::Criu_req::new();
                 ack.set_type(rpc::Criu_req_type::NOTIFY);
                 ack.set_notify_success(ok);

@@ -47,6 +47,88 @@ pub fn take_pid(pid: i32) {
         .spawn();
 }
 
+/// Failpoint `criu-kill-ACTION` (ACTION: `pre-dump`, `dump`, `dry-run`, `restore`), evaluated when
+/// kup starts CRIU (pid `criu`) on the tree at `pid`. Its value says when CRIU is killed (SIGKILL):
+/// `seized`: as soon as it holds the tree (the tree's TracerPid is CRIU); a step name such as
+/// `post-dump`: at that notification, before kup handles it; `post-dump+tree`: once kup has handled
+/// it (checked the images), with the tree killed too: CRIU dying after it killed the dumped tree,
+/// before it answered. Returns the step to kill at, if any.
+pub fn criu_kill(action: &str, pid: i32, criu: u32) -> Option<String> {
+    let when = fail::eval(&format!("criu-kill-{action}"), |arg| {
+        arg.unwrap_or_default()
+    })?;
+    if when != "seized" {
+        return Some(when);
+    }
+    std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < std::time::Duration::from_secs(120) {
+            // CRIU's service forks for a pre-dump: the tracer is `criu` or its child.
+            if let Some(tracer) = status_field(pid, "TracerPid:").filter(|t| *t != 0) {
+                if tracer == criu || status_field(tracer as i32, "PPid:") == Some(criu) {
+                    tracing::warn!(pid, tracer, "failpoint: killing CRIU, which holds the tree");
+                    kill(tracer as i32);
+                    kill(criu as i32);
+                    return;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    });
+    None
+}
+
+/// A numeric field (`TracerPid:`, `PPid:`) of /proc/PID/status.
+fn status_field(pid: i32, field: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// At CRIU's notification `step`, before kup handles it (`handled` false) or after: kills CRIU (and
+/// the dumped tree, for `STEP+tree`, which acts after) when `kill_at` names this step; true when it
+/// did (the notification is then left unanswered).
+pub fn criu_kill_now(kill_at: &Option<String>, step: &str, criu: u32, handled: bool) -> bool {
+    let Some(at) = kill_at else {
+        return false;
+    };
+    let (at, tree) = match at.strip_suffix("+tree") {
+        Some(at) => (at, true),
+        None => (at.as_str(), false),
+    };
+    if at != step || tree != handled {
+        return false;
+    }
+    if tree {
+        // The tree CRIU holds: every process it traces.
+        for pid in traced_by(criu) {
+            tracing::warn!(pid, "failpoint: killing the dumped tree");
+            kill(pid);
+        }
+    }
+    tracing::warn!(criu, step, "failpoint: killing CRIU at its notification");
+    kill(criu as i32);
+    true
+}
+
+fn kill(pid: i32) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+}
+
+/// The processes whose TracerPid is `tracer`.
+fn traced_by(tracer: u32) -> Vec<i32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| status_field(*pid, "TracerPid:") == Some(tracer))
+        .collect()
+}
+
 /// Cuts the largest `pages-*.img` of a checkpoint one page short, as a failing disk would leave it.
 pub fn truncate_pages(images: &Path) {
     let largest = std::fs::read_dir(images).ok().and_then(|es| {

@@ -47,8 +47,26 @@ pub fn unload() {
     let _ = Command::new("kexec").arg("-u").status();
 }
 
-/// Asks systemd to stop everything and kexec into the loaded kernel (returns at once).
-pub fn switch() -> Result<(), KexecError> {
+/// Asks systemd to stop everything and kexec into the loaded kernel (returns at once). With
+/// `watchdog` seconds (0 = off), systemd first arms the hardware watchdog for the kexec: the new
+/// kernel must take it over within that time, or the machine resets (a hang; see
+/// [`crate::watchdog`]).
+pub fn switch(watchdog: u16) -> Result<(), KexecError> {
+    if watchdog > 0 {
+        match crate::watchdog::hang_protection() {
+            None => match crate::systemd::set_kexec_watchdog(watchdog) {
+                Ok(()) => tracing::info!(
+                    kup_phase = "switch",
+                    "kup: the hardware watchdog is armed for the switch: the new kernel has {watchdog} s to take it over"
+                ),
+                Err(e) => tracing::warn!(
+                    kup_phase = "switch",
+                    "kup: cannot arm the hardware watchdog for the switch ({e}); a new kernel that hangs needs a manual reset"
+                ),
+            },
+            Some(why) => tracing::warn!(kup_phase = "switch", "kup: {why}"),
+        }
+    }
     crate::systemd::systemctl(&["kexec", "--no-block"])
         .map(|_| ())
         .map_err(|e| KexecError::Switch(e.to_string()))

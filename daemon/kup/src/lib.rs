@@ -19,6 +19,7 @@ pub mod stage;
 pub mod systemd;
 pub mod tcp;
 pub mod update;
+pub mod watchdog;
 
 /// An I/O failure with what kup was doing when it happened (shared by the stages' error types).
 #[derive(Debug, thiserror::Error)]

@@ -63,6 +63,9 @@ pub struct Checks {
     pub health_timeout: u16,
     /// Seconds every restored unit must then stay active with its restored main PID.
     pub grace: u16,
+    /// Seconds a kernel kup switches to has to take over the hardware watchdog (a fallback's switch
+    /// too); 0 = off.
+    pub kexec_watchdog: u16,
 }
 
 impl Default for Checks {
@@ -70,6 +73,7 @@ impl Default for Checks {
         Self {
             health_timeout: crate::config::DEFAULT_HEALTH_TIMEOUT,
             grace: crate::config::DEFAULT_GRACE,
+            kexec_watchdog: crate::config::DEFAULT_KEXEC_WATCHDOG,
         }
     }
 }
@@ -361,6 +365,7 @@ mod tests {
             checks: Checks {
                 health_timeout: 30,
                 grace: 2,
+                kexec_watchdog: 90,
             },
             fallback: Some(FallbackOf {
                 id: "1767225000-00000001".to_string(),

@@ -84,8 +84,35 @@ pub fn lock(unit: &str, conns: &[TcpConn]) -> Result<(), NftError> {
 
 /// Lifts `unit`'s lock; a lock that is not there is not an error.
 pub fn unlock(unit: &str) {
+    delete_table(&table_name(unit));
+}
+
+/// The tables CRIU's own network lock left in `listing` (`nft list tables` output): CRIU names them
+/// `CRIU-<run id>` in the `inet` family and deletes them when it finishes, unless it died first.
+pub fn parse_criu_tables(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("table inet "))
+        .map(str::trim)
+        .filter(|name| name.starts_with("CRIU-"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// CRIU's network-lock tables present now (none when nft cannot be run).
+pub fn criu_tables() -> Vec<String> {
+    Command::new(NFT)
+        .args(["list", "tables"])
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| parse_criu_tables(&String::from_utf8_lossy(&o.stdout)))
+        .unwrap_or_default()
+}
+
+/// Deletes the `inet` table `name`; one that is not there is not an error.
+pub fn delete_table(name: &str) {
     let _ = Command::new(NFT)
-        .args(["delete", "table", "inet", &table_name(unit)])
+        .args(["delete", "table", "inet", name])
         .stderr(Stdio::null())
         .status();
 }
@@ -93,6 +120,13 @@ pub fn unlock(unit: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_lock_tables_a_dead_criu_left() {
+        let listing = "table inet kup_memcached_service\ntable inet CRIU-3f1c9a0e\ntable ip filter\ntable ip CRIU-no\n";
+        assert_eq!(parse_criu_tables(listing), ["CRIU-3f1c9a0e"]);
+        assert!(parse_criu_tables("").is_empty());
+    }
 
     #[test]
     fn table_names_are_nft_identifiers() {

@@ -15,6 +15,20 @@ use crate::{criu, fallback, nft, systemd};
 pub const KUP_RESTORE: &str = "/usr/lib/kup/kup-restore";
 /// The drop-in name of a restoring start.
 pub const RESTORE_DROPIN: &str = "50-kup-restore";
+/// The service that feeds the hardware watchdog on a restoring boot until `finish` has decided
+/// ([`crate::watchdog::feed_until_stopped`]).
+pub const WATCHDOG_SERVICE: &str = "kup-watchdog.service";
+
+/// Disarms the hardware watchdog of a restoring boot once the restore is decided: blessed, fallen
+/// back (the fallback's switch arms it again) or given up.
+pub fn release_watchdog() {
+    if let Err(e) = systemd::systemctl(&["stop", "--no-block", WATCHDOG_SERVICE]) {
+        tracing::warn!(
+            kup_phase = "watchdog",
+            "kup: cannot stop {WATCHDOG_SERVICE}: {e}"
+        );
+    }
+}
 
 /// Why a restore failed.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +131,11 @@ pub fn generate(early_dir: &Path) -> Result<usize, RestoreError> {
         "kup-restore.target",
         "/usr/lib/systemd/system/kup-restore.target",
     )?;
-    for unit in ["kup-restore-finish.service", "kup-netlock.service"] {
+    for unit in [
+        "kup-restore-finish.service",
+        "kup-netlock.service",
+        WATCHDOG_SERVICE,
+    ] {
         link(
             "kup-restore.target.wants",
             unit,

@@ -33,6 +33,32 @@ pub fn systemctl(args: &[&str]) -> Result<String, SystemdError> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// Sets systemd's `KExecWatchdogSec=` for this boot (the manager's `KExecWatchdogUSec` property):
+/// systemd-shutdown then arms the hardware watchdog with `secs` before it kexecs.
+pub fn set_kexec_watchdog(secs: u16) -> Result<(), SystemdError> {
+    let usec = (u64::from(secs) * 1_000_000).to_string();
+    let args = [
+        "set-property",
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+        "KExecWatchdogUSec",
+        "t",
+        usec.as_str(),
+    ];
+    let out = Command::new("busctl")
+        .args(args)
+        .output()
+        .map_err(SystemdError::Spawn)?;
+    if !out.status.success() {
+        return Err(SystemdError::Failed {
+            args: format!("(busctl) {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
 /// One property of a unit (`systemctl show -p NAME --value UNIT`).
 pub fn property(unit: &str, name: &str) -> Result<String, SystemdError> {
     systemctl(&["show", "-p", name, "--value", unit])

@@ -93,6 +93,54 @@ pub fn established(pids: &[i32]) -> Vec<TcpConn> {
     out
 }
 
+/// Takes every TCP socket of `pids` out of repair mode, as CRIU does when a dump fails: a CRIU that
+/// died in the middle of a dump leaves its tree's established sockets in repair mode, where they
+/// neither send nor acknowledge. Each socket is reached through the process's descriptor table
+/// (`pidfd_getfd`); turning repair off sends a window probe, and the connection goes on. Returns how
+/// many sockets were in repair mode.
+pub fn leave_repair(pids: &[i32]) -> usize {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt::TcpRepair};
+    use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+
+    let mut seen = HashSet::new();
+    let mut repaired = 0;
+    for &pid in pids {
+        let Some(pidfd) = Pid::from_raw(pid).and_then(|p| pidfd_open(p, PidfdFlags::empty()).ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Some(ino) = std::fs::read_link(fd.path())
+                .ok()
+                .and_then(|l| crate::criu::parse_socket_inode(&l.to_string_lossy()))
+            else {
+                continue;
+            };
+            let Some(n) = fd.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            if !seen.insert(ino) {
+                continue;
+            }
+            let Ok(sock) = pidfd_getfd(&pidfd, n, PidfdGetfdFlags::empty()) else {
+                continue;
+            };
+            // Not a TCP socket: the option does not exist there.
+            if getsockopt(&sock, TcpRepair) != Ok(1) {
+                continue;
+            }
+            // TCP_REPAIR_OFF (0): leave repair mode and probe the peer's window.
+            if setsockopt(&sock, TcpRepair, &0).is_ok() {
+                repaired += 1;
+            }
+        }
+    }
+    repaired
+}
+
 /// The local addresses of `conns` this machine does not have (yet): binding a socket to one fails
 /// with "cannot assign requested address" until the network configuration assigns it.
 pub fn missing_local_addresses(conns: &[TcpConn]) -> Vec<IpAddr> {
@@ -187,5 +235,25 @@ mod tests {
                 .iter()
                 .any(|x| x.local == c.local_addr().unwrap() && x.remote == l.local_addr().unwrap())
         );
+    }
+
+    #[test]
+    fn a_socket_left_in_repair_mode_is_taken_out_and_talks_again() {
+        use nix::sys::socket::{getsockopt, setsockopt, sockopt::TcpRepair};
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        // What a CRIU that died mid-dump leaves (needs CAP_NET_ADMIN: the tests run as root).
+        setsockopt(&c, TcpRepair, &1).expect("TCP_REPAIR needs root");
+        assert_eq!(leave_repair(&[std::process::id() as i32]), 1);
+        assert_eq!(getsockopt(&c, TcpRepair), Ok(0));
+        c.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        assert_eq!(leave_repair(&[std::process::id() as i32]), 0);
     }
 }

@@ -69,7 +69,15 @@ pub enum UpdateError {
     #[error("checkpoint of {unit} failed, every unit was left running: {source}")]
     Dump {
         unit: String,
-        source: criu::CriuError,
+        source: Box<criu::CriuError>,
+    },
+    #[error(
+        "{unit}'s processes are gone and its checkpoint is not whole ({reason}); {restarted}; every other unit was left running. Check the disk under image_dir and CRIU's log"
+    )]
+    Lost {
+        unit: String,
+        reason: String,
+        restarted: String,
     },
     #[error(transparent)]
     Manifest(#[from] manifest::ManifestError),
@@ -134,6 +142,15 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
     {
         extra.push_str(&format!(" panic={PANIC_REBOOT_SECS}"));
     }
+    // The new kernel keeps the hardware watchdog running through its own next kexec (a fallback,
+    // the next update): without it most drivers stop the watchdog at any reboot.
+    if settings.update.kexec_watchdog > 0
+        && !format!("{cmdline} {extra}")
+            .split_whitespace()
+            .any(|w| w.starts_with("watchdog.stop_on_reboot="))
+    {
+        extra.push_str(&format!(" {}", crate::watchdog::KEEP_RUNNING_ARG));
+    }
     let target = stage::resolve_target(
         Path::new(stage::BOOT_DIR),
         wanted.as_deref(),
@@ -162,6 +179,7 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
         checks: manifest::Checks {
             health_timeout: settings.update.health_timeout,
             grace: settings.update.grace,
+            kexec_watchdog: settings.update.kexec_watchdog,
         },
     })
 }
@@ -389,7 +407,9 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
     }
     // Fault tests: hold the update here, every unit dumped, the switch not begun (a power cut now).
     fail::fail_point!("switch");
-    if let Err(e) = kexec::load(&plan.target).and_then(|()| kexec::switch()) {
+    if let Err(e) =
+        kexec::load(&plan.target).and_then(|()| kexec::switch(plan.checks.kexec_watchdog))
+    {
         kexec::unload();
         rollback(&m);
         return Err(UpdateError::Switch(e));
@@ -450,12 +470,16 @@ fn precopy(unit: &str, image_dir: &Path, rounds: u8) -> Option<String> {
         }
         let parent = last.as_ref().map(|(p, _)| format!("../{p}"));
         let t = std::time::Instant::now();
+        let tables = crate::nft::criu_tables();
         if let Err(e) = criu::pre_dump(pid, &dir, parent.as_deref(), unit) {
+            let pids = criu::tree_pids(pid).unwrap_or_else(|_| vec![pid]);
+            let let_go = let_go(unit, &pids, &tables);
+            let _ = std::fs::remove_dir_all(&dir);
             tracing::warn!(
                 unit,
                 kup_phase = "pre-copy",
                 round,
-                "pre-copy round failed, the final dump copies from the last good round: {e}"
+                "pre-copy round failed ({let_go}), the final dump copies from the last good round: {e}"
             );
             break;
         }
@@ -511,7 +535,7 @@ pub(crate) fn dump_unit(
     std::fs::create_dir_all(images).map_err(io(format!("creating {}", images.display())))?;
     let dump_err = |source| UpdateError::Dump {
         unit: unit.to_owned(),
-        source,
+        source: Box::new(source),
     };
     let stdio = criu::read_stdio(pid).map_err(dump_err)?;
     let pids = criu::tree_pids(pid).map_err(dump_err)?;
@@ -521,6 +545,7 @@ pub(crate) fn dump_unit(
     )?;
     systemd::daemon_reload()?;
     let t = std::time::Instant::now();
+    let tables = crate::nft::criu_tables();
     // Read while CRIU holds the tree frozen after its dump: exactly the connections in the images.
     // The images are checked then too: a checkpoint that is not whole fails the dump, and CRIU
     // resumes the tree instead of killing it.
@@ -532,10 +557,42 @@ pub(crate) fn dump_unit(
             other => other.to_string(),
         })
     }) {
-        // CRIU resumes the tree when a dump fails: the unit is still running as before.
-        let _ = std::fs::remove_file(systemd::runtime_dropin(unit, NO_RESTART));
-        let _ = systemd::daemon_reload();
-        return Err(dump_err(e));
+        let unfreeze = || {
+            let _ = std::fs::remove_file(systemd::runtime_dropin(unit, NO_RESTART));
+            let _ = systemd::daemon_reload();
+        };
+        if !gone(pid) {
+            // CRIU resumes the tree when a dump fails (and a dead CRIU lets go of it): the unit is
+            // still running as before, once what a dead CRIU held is undone.
+            let_go(unit, &pids, &tables);
+            unfreeze();
+            return Err(dump_err(e));
+        }
+        // The tree is gone: CRIU killed it after the dump and failed (or died) before it answered.
+        match check_images(unit, images) {
+            // Exactly where a dump that succeeds leaves the unit (its connections still locked, by
+            // CRIU's table): the update goes on from these images.
+            Ok(()) => tracing::warn!(
+                unit,
+                kup_phase = "dump",
+                "kup: CRIU failed after {unit}'s checkpoint was whole and its processes gone; going on from the checked images: {e}"
+            ),
+            // The worst case: no whole checkpoint and no process. The unit starts afresh, so at
+            // least it serves again, and the error says what was lost.
+            Err(not_whole) => {
+                let_go(unit, &pids, &tables);
+                unfreeze();
+                let restarted = systemd::systemctl(&["start", unit]).map_or_else(
+                    |s| format!("starting it afresh failed too: {s}"),
+                    |_| "it was started afresh, without its in-memory state".into(),
+                );
+                return Err(UpdateError::Lost {
+                    unit: unit.to_owned(),
+                    reason: format!("{e}; then {not_whole}"),
+                    restarted,
+                });
+            }
+        }
     }
     tracing::info!(
         unit,
@@ -557,6 +614,58 @@ pub(crate) fn dump_unit(
         health: None,
         state: UnitState::Dumped,
     })
+}
+
+/// Undoes what a CRIU that failed or died may have left on `unit`'s tree `pids`: its network-lock
+/// tables (those not in `tables_before`) and established sockets in repair mode. A CRIU that
+/// finishes cleans up itself; one that is killed does not, and the tree (let go by the kernel when
+/// its tracer dies) would keep running with its connections silent. Says what it undid.
+pub(crate) fn let_go(unit: &str, pids: &[i32], tables_before: &[String]) -> String {
+    let sockets = crate::tcp::leave_repair(pids);
+    let tables: Vec<String> = crate::nft::criu_tables()
+        .into_iter()
+        .filter(|t| !tables_before.contains(t))
+        .collect();
+    for t in &tables {
+        crate::nft::delete_table(t);
+    }
+    if sockets == 0 && tables.is_empty() {
+        return "CRIU left nothing behind".into();
+    }
+    let what = format!(
+        "{sockets} socket(s) of {unit} taken out of repair mode, CRIU's lock table(s) {} removed",
+        if tables.is_empty() {
+            "(none)".to_owned()
+        } else {
+            tables.join(", ")
+        }
+    );
+    tracing::warn!(unit, kup_phase = "dump", "kup: {what}");
+    what
+}
+
+/// Whether the tree at `pid` is gone, given a second to finish dying (a tree that CRIU let go of
+/// stays alive).
+fn gone(pid: i32) -> bool {
+    let t0 = std::time::Instant::now();
+    while alive(pid) {
+        if t0.elapsed() > std::time::Duration::from_secs(1) {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
+}
+
+/// Whether process `pid` is alive (a zombie is not).
+pub(crate) fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next())
+        })
+        .is_some_and(|state| !matches!(state, 'Z' | 'X'))
 }
 
 /// Restores every dumped unit on this kernel after a failure before the switch.

@@ -192,7 +192,11 @@ pub fn start(dir: &Path, image: &Image, opts: &StartOptions) -> Result<Up> {
         netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{h}-:{g}"));
     }
     let thread = std::env::var("KUP_LAB_TCG_THREAD").unwrap_or_else(|_| "multi".into());
-    let mut append = "root=LABEL=kup-lab-root rw console=ttyS0,115200 mitigations=off".to_owned();
+    // watchdog.stop_on_reboot=0: the "boot loader's" command line of a machine set up for kup's hang
+    // protection (the watchdog keeps running through a kexec; docs/RELIABILITY.md).
+    let mut append =
+        "root=LABEL=kup-lab-root rw console=ttyS0,115200 mitigations=off watchdog.stop_on_reboot=0"
+            .to_owned();
     if let Ok(extra) = std::env::var("KUP_LAB_APPEND") {
         append.push(' ');
         append.push_str(&extra);
@@ -241,6 +245,9 @@ pub fn start(dir: &Path, image: &Image, opts: &StartOptions) -> Result<Up> {
     .args(["-device", "virtio-blk-pci,drive=payload,serial=kup-payload"])
     .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
     .args(["-device", "virtio-rng-pci"])
+    // A hardware watchdog (Intel 6300ESB; Debian's cloud kernels have its driver): when it runs out
+    // the machine resets, and the firmware boots the default kernel (the lab's -kernel).
+    .args(["-device", "i6300esb", "-action", "watchdog=reset"])
     .args([
         "-pidfile",
         &dir.join("qemu.pid").display().to_string(),

@@ -68,6 +68,7 @@ const KUP_PATHS: &[&str] = &[
     "/usr/lib/systemd/system/kup-restore.target",
     "/usr/lib/systemd/system/kup-restore-finish.service",
     "/usr/lib/systemd/system/kup-netlock.service",
+    "/usr/lib/systemd/system/kup-watchdog.service",
     "/usr/lib/systemd/system-generators/kup-generator",
     "/usr/lib/dracut/modules.d/90kup",
     "/usr/lib/dracut/dracut.conf.d/50-kup.conf",
