@@ -18,6 +18,7 @@
 //! health_timeout = 60                     # seconds a unit's health command may take
 //! grace = 5                               # seconds a restored unit must stay up before the boot is blessed
 //! kexec_watchdog = 180                    # seconds the new kernel has to reach kup's restore (hardware watchdog); 0 = off
+//! make_default = false                    # once blessed, the new kernel becomes the boot loader's default entry
 //!
 //! [[unit]]
 //! name = "memcached.service"
@@ -220,6 +221,8 @@ pub struct UpdateSettings {
     /// watchdog (which resets the machine into the firmware's default kernel when it runs out: a
     /// new kernel that hangs); 0 = kup leaves the watchdog alone.
     pub kexec_watchdog: u16,
+    /// Once the new kernel is blessed, make it the boot loader's default entry (systemd-boot).
+    pub make_default: bool,
 }
 
 impl Default for UpdateSettings {
@@ -235,6 +238,7 @@ impl Default for UpdateSettings {
             health_timeout: DEFAULT_HEALTH_TIMEOUT,
             grace: DEFAULT_GRACE,
             kexec_watchdog: DEFAULT_KEXEC_WATCHDOG,
+            make_default: false,
         }
     }
 }
@@ -294,6 +298,7 @@ pub struct UpdateFragment {
     pub grace: Option<u16>,
     #[serde(default, deserialize_with = "de_kexec_watchdog")]
     pub kexec_watchdog: Option<u16>,
+    pub make_default: Option<bool>,
 }
 
 /// Parses one file's text. `path` is only used in error messages.
@@ -357,6 +362,9 @@ impl Settings {
         }
         if let Some(w) = u.kexec_watchdog {
             self.update.kexec_watchdog = w;
+        }
+        if let Some(d) = u.make_default {
+            self.update.make_default = d;
         }
         for unit in fragment.units {
             match self.units.iter_mut().find(|u| u.name == unit.name) {
@@ -591,6 +599,7 @@ restore = "lazy"
 health_timeout = 20
 grace = 0
 kexec_watchdog = 90
+make_default = true
 
 [[unit]]
 name = "memcached.service"
@@ -610,6 +619,7 @@ name = "redis-server.service"
         assert_eq!(s.update.restore, RestoreMode::Lazy);
         assert_eq!((s.update.health_timeout, s.update.grace), (20, 0));
         assert_eq!(s.update.kexec_watchdog, 90);
+        assert!(s.update.make_default);
         assert_eq!(s.units.len(), 2);
         assert_eq!(
             s.unit("memcached.service").unwrap().health.as_deref(),

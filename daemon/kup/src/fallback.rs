@@ -279,7 +279,9 @@ pub fn fall_back(m: &Manifest, failures: &[UnitFailure]) -> Result<String, Fallb
         manifest::write_atomic(handoff, &next)?;
     }
     update::write_boot_files(&next)?;
-    if let Err(e) = kexec::load(&target).and_then(|()| kexec::switch(m.checks.kexec_watchdog)) {
+    if let Err(e) =
+        kexec::load(&target).and_then(|()| kexec::switch(m.checks.kexec_watchdog, &m.from_kernel))
+    {
         kexec::unload();
         back_here(&next);
         return Err(UpdateError::Switch(e).into());

@@ -316,6 +316,19 @@ pub fn rebuild(version: &str) -> Result<Generator, InitrdError> {
             reason: format!("{}: {}", out.status, last.unwrap_or("no message").trim()),
         });
     }
+    match crate::bootloader::sync_initrd(version) {
+        Ok(Some(what)) => tracing::info!("kup: {what}"),
+        Ok(None) => {}
+        Err(e) => {
+            return Err(InitrdError::Rebuild {
+                version: version.to_owned(),
+                command: format!(
+                    "kernel-install add {version} /boot/vmlinuz-{version} /boot/initrd.img-{version}"
+                ),
+                reason: e.to_string(),
+            });
+        }
+    }
     Ok(generator)
 }
 

@@ -47,11 +47,19 @@ pub fn unload() {
     let _ = Command::new("kexec").arg("-u").status();
 }
 
-/// Asks systemd to stop everything and kexec into the loaded kernel (returns at once). With
-/// `watchdog` seconds (0 = off), systemd first arms the hardware watchdog for the kexec: the new
-/// kernel must take it over within that time, or the machine resets (a hang; see
-/// [`crate::watchdog`]).
-pub fn switch(watchdog: u16) -> Result<(), KexecError> {
+/// Asks systemd to stop everything and kexec into the loaded kernel (returns at once). Kernel
+/// `come_back_to` (where the handoff falls back) becomes the boot loader's one-shot next boot
+/// ([`crate::bootloader::come_back_to`]). With `watchdog` seconds (0 = off), systemd first arms the
+/// hardware watchdog for the kexec: the new kernel must take it over within that time, or the
+/// machine resets into that one-shot entry (a hang; see [`crate::watchdog`]).
+pub fn switch(watchdog: u16, come_back_to: &str) -> Result<(), KexecError> {
+    match crate::bootloader::come_back_to(come_back_to) {
+        Ok(what) => tracing::info!(kup_phase = "switch", "kup: {what}"),
+        Err(e) => tracing::warn!(
+            kup_phase = "switch",
+            "kup: cannot set the firmware's next boot ({e}); after a panic, hang or power loss it boots the default entry"
+        ),
+    }
     if watchdog > 0 {
         match crate::watchdog::hang_protection() {
             None => match crate::systemd::set_kexec_watchdog(watchdog) {

@@ -1,6 +1,7 @@
 //! kup: kernel updates that running services do not notice. The library with every stage's logic;
 //! the binaries (kupd, kupctl, kup-restore) are shims over it.
 
+pub mod bootloader;
 pub mod config;
 pub mod criu;
 pub mod criu_image;

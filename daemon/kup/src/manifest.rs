@@ -66,6 +66,8 @@ pub struct Checks {
     /// Seconds a kernel kup switches to has to take over the hardware watchdog (a fallback's switch
     /// too); 0 = off.
     pub kexec_watchdog: u16,
+    /// Once blessed, the kernel becomes the boot loader's default entry.
+    pub make_default: bool,
 }
 
 impl Default for Checks {
@@ -74,6 +76,7 @@ impl Default for Checks {
             health_timeout: crate::config::DEFAULT_HEALTH_TIMEOUT,
             grace: crate::config::DEFAULT_GRACE,
             kexec_watchdog: crate::config::DEFAULT_KEXEC_WATCHDOG,
+            make_default: false,
         }
     }
 }
@@ -366,6 +369,7 @@ mod tests {
                 health_timeout: 30,
                 grace: 2,
                 kexec_watchdog: 90,
+                make_default: true,
             },
             fallback: Some(FallbackOf {
                 id: "1767225000-00000001".to_string(),

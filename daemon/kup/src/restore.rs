@@ -481,6 +481,16 @@ pub fn finish() -> Result<String, RestoreError> {
         ),
     };
     fallback::record(&m, verdict, &msg, &[]);
+    // Blessed: the one-shot next boot the switch set is no longer needed (and the kernel becomes
+    // the default entry when configured).
+    let here = crate::update::running_kernel();
+    match crate::bootloader::blessed(&here, m.checks.make_default) {
+        Ok(what) => tracing::info!(kup_phase = "verify", "kup: {what}"),
+        Err(e) => tracing::warn!(
+            kup_phase = "verify",
+            "kup: cannot update the boot loader after the blessing ({e}); check `bootctl status`"
+        ),
+    }
     Ok(msg)
 }
 

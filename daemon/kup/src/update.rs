@@ -180,6 +180,7 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
             health_timeout: settings.update.health_timeout,
             grace: settings.update.grace,
             kexec_watchdog: settings.update.kexec_watchdog,
+            make_default: settings.update.make_default,
         },
     })
 }
@@ -261,6 +262,31 @@ fn preflight_fallback(version: &str) -> Result<(), UpdateError> {
             format!("its initrd {} lacks kup's hook", image.initrd.display()),
             "kupctl initrds --fix".to_owned(),
         ));
+    }
+    // A firmware boot (after a panic, hang or power loss of the new kernel) comes back through the
+    // boot loader's entry for this kernel: its initrd must carry the hook too.
+    let firmware = crate::bootloader::firmware_initrds(version).map_err(|e| {
+        refuse(
+            e.to_string(),
+            format!(
+                "kernel-install add {version} /boot/vmlinuz-{version} /boot/initrd.img-{version}"
+            ),
+        )
+    })?;
+    if let Some(initrds) = firmware {
+        if !initrds.iter().any(|i| initrd_has_module(i)) {
+            return Err(refuse(
+                format!(
+                    "the boot loader's initrd for it ({}) lacks kup's hook",
+                    initrds
+                        .iter()
+                        .map(|i| i.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                "kupctl initrds --fix (it refreshes the boot loader's copy too)".to_owned(),
+            ));
+        }
     }
     Ok(())
 }
@@ -407,8 +433,8 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
     }
     // Fault tests: hold the update here, every unit dumped, the switch not begun (a power cut now).
     fail::fail_point!("switch");
-    if let Err(e) =
-        kexec::load(&plan.target).and_then(|()| kexec::switch(plan.checks.kexec_watchdog))
+    if let Err(e) = kexec::load(&plan.target)
+        .and_then(|()| kexec::switch(plan.checks.kexec_watchdog, &m.from_kernel))
     {
         kexec::unload();
         rollback(&m);
