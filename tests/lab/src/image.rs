@@ -95,11 +95,13 @@ pub fn ensure(recipe: &Recipe) -> Result<Image> {
     );
     let script = recipe.dir.join("build-image.sh");
     let started = std::time::Instant::now();
+    // One open file for both streams: two separate opens would overwrite each other's lines.
+    let log_file = File::create(&log)?;
     let status = Command::new(&script)
         .arg(&tmp)
         .envs(recipe.build_env())
-        .stdout(File::create(&log)?)
-        .stderr(File::create(&log)?.try_clone()?)
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
         .status()
         .with_context(|| format!("cannot run {}", script.display()))?;
     if !status.success() {
