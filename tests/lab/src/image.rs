@@ -32,6 +32,19 @@ impl Image {
         self.dir.join("root.img")
     }
 
+    /// The ESP disk: GPT, one EFI System Partition (FAT32, label `KUP-ESP`) with systemd-boot and
+    /// one BLS entry per kernel (`recipe::entry_id`).
+    pub fn esp_img(&self) -> Result<PathBuf> {
+        let p = self.dir.join("esp.img");
+        if !p.is_file() {
+            bail!(
+                "the lab image {} has no esp.img (built by an older recipe?); remove that directory and run `lab image` to rebuild it",
+                self.dir.display()
+            );
+        }
+        Ok(p)
+    }
+
     /// The kernel image and initrd of `version`, with an error listing the ones there are.
     pub fn kernel(&self, version: &str) -> Result<(PathBuf, PathBuf)> {
         let k = self.dir.join("kernels").join(format!("vmlinuz-{version}"));
@@ -82,11 +95,13 @@ pub fn ensure(recipe: &Recipe) -> Result<Image> {
     );
     let script = recipe.dir.join("build-image.sh");
     let started = std::time::Instant::now();
+    // One open file for both streams: two separate opens would overwrite each other's lines.
+    let log_file = File::create(&log)?;
     let status = Command::new(&script)
         .arg(&tmp)
-        .envs(&recipe.vars)
-        .stdout(File::create(&log)?)
-        .stderr(File::create(&log)?.try_clone()?)
+        .envs(recipe.build_env())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
         .status()
         .with_context(|| format!("cannot run {}", script.display()))?;
     if !status.success() {

@@ -2,12 +2,14 @@
 //! agent, so tests can kexec real kernels and check the result from the host.
 //!
 //! Stages: [`recipe`] (pinned versions and the cache key) -> [`image`] (build or reuse the cached
-//! image) -> [`vm`] (boot a copy-on-write overlay with the project's build, wait, stop) -> [`client`]
-//! (talk to the guest's [`agent`] over the [`proto`] framing), with [`console`] watching for panics.
+//! image) -> [`vm`] (boot a copy-on-write overlay with the project's build, wait, stop; directly or
+//! through UEFI firmware and systemd-boot, [`firmware`]) -> [`client`] (talk to the guest's [`agent`]
+//! over the [`proto`] framing), with [`console`] watching for panics.
 
 pub mod agent;
 pub mod client;
 pub mod console;
+pub mod firmware;
 pub mod image;
 pub mod proto;
 pub mod recipe;

@@ -10,6 +10,22 @@ use sha2::{Digest, Sha256};
 /// Prefix of the environment variables that override a pinned value (`KUP_LAB_KERNELS=...`).
 pub const ENV_PREFIX: &str = "KUP_LAB_";
 
+/// The guest kernel's command line: what `-append` passes in kernel mode and what the image's boot
+/// entries (`/etc/kernel/cmdline`, the ESP's `loader/entries/*.conf`) carry in firmware mode.
+/// `watchdog.stop_on_reboot=0`: the boot loader's command line of a machine set up for kup's hang
+/// protection (the watchdog keeps running through a kexec; docs/RELIABILITY.md).
+pub const CMDLINE: &str =
+    "root=LABEL=kup-lab-root rw console=ttyS0,115200 mitigations=off watchdog.stop_on_reboot=0";
+
+/// The image's kernel-install entry token (`/etc/kernel/entry-token`): boot entries are
+/// `loader/entries/<token>-<version>.conf`, independent of any machine id.
+pub const ENTRY_TOKEN: &str = "kup-lab";
+
+/// The boot loader entry id (systemd-boot's, as `bootctl list` and `set-oneshot` take it) of `version`.
+pub fn entry_id(version: &str) -> String {
+    format!("{ENTRY_TOKEN}-{version}.conf")
+}
+
 /// The effective recipe: the directory holding it and its variables after overrides.
 #[derive(Debug, Clone)]
 pub struct Recipe {
@@ -90,6 +106,15 @@ impl Recipe {
             .unwrap_or_default()
     }
 
+    /// The environment `build-image.sh` runs with: the effective variables and the lab's own
+    /// constants the image carries (the entries' command line and token).
+    pub fn build_env(&self) -> BTreeMap<String, String> {
+        let mut env = self.vars.clone();
+        env.insert("KERNEL_CMDLINE".into(), CMDLINE.into());
+        env.insert("ENTRY_TOKEN".into(), ENTRY_TOKEN.into());
+        env
+    }
+
     /// A key that changes with any file of the recipe or any effective variable.
     pub fn cache_key(&self) -> Result<String> {
         // (name in the key, file): the recipe, and kup's dracut module that the image's initrds carry.
@@ -126,7 +151,7 @@ impl Recipe {
             h.update(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?);
             h.update([0]);
         }
-        for (k, v) in &self.vars {
+        for (k, v) in self.build_env() {
             h.update(format!("{k}={v}\n").as_bytes());
         }
         let digest = h.finalize();
@@ -177,6 +202,9 @@ mod tests {
         std::fs::write(dir.join("versions.env"), "KERNELS=\"1 2\"\n").unwrap();
         let base = Recipe::load(&dir, []).unwrap();
         assert_eq!(base.kernels(), ["1", "2"]);
+        assert_eq!(base.build_env()["KERNEL_CMDLINE"], CMDLINE);
+        assert_eq!(base.build_env()["ENTRY_TOKEN"], ENTRY_TOKEN);
+        assert_eq!(entry_id("1"), "kup-lab-1.conf");
         let same = Recipe::load(&dir, [("KUP_LAB_OTHER".into(), "x".into())]).unwrap();
         assert_eq!(base.cache_key().unwrap(), same.cache_key().unwrap());
         let over = Recipe::load(&dir, [("KUP_LAB_KERNELS".into(), "3".into())]).unwrap();

@@ -1,6 +1,7 @@
 //! One running guest: QEMU under TCG booting a fresh copy-on-write overlay of the cached image with
 //! the project's build handed in on a payload disk; its state lives in a run directory so that
-//! separate `lab` invocations (and tests) can find it.
+//! separate `lab` invocations (and tests) can find it. Two boot modes: QEMU loads the kernel itself
+//! (`-kernel`, the default), or UEFI firmware (OVMF) boots systemd-boot from the guest's ESP disk.
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -30,6 +31,9 @@ pub struct StartOptions {
     /// A tree copied over the guest's / on first boot (the project's install tree).
     pub payload_tree: Option<PathBuf>,
     pub boot_timeout: Duration,
+    /// Boot through UEFI firmware and systemd-boot (with `kernel`'s entry the default) instead of
+    /// QEMU's `-kernel`.
+    pub firmware: bool,
 }
 
 /// The saved state of the running guest.
@@ -43,6 +47,10 @@ pub struct State {
     pub boot_id: String,
     /// Length of the console log when the current boot was last seen up: crashes are looked for after it.
     pub console_offset: usize,
+    /// Booted through the firmware (OVMF, systemd-boot): a reset boots systemd-boot's default (or
+    /// one-shot) entry; otherwise QEMU's `-kernel` again.
+    #[serde(default)]
+    pub firmware: bool,
 }
 
 /// How a successful wait went.
@@ -149,6 +157,18 @@ pub fn start(dir: &Path, image: &Image, opts: &StartOptions) -> Result<Up> {
         );
     }
     let (vmlinuz, initrd) = image.kernel(&opts.kernel)?;
+    let esp_img = image.esp_img()?;
+    let extra_append = std::env::var("KUP_LAB_APPEND").ok();
+    let ovmf = if opts.firmware {
+        if let Some(extra) = &extra_append {
+            bail!(
+                "KUP_LAB_APPEND ({extra:?}) cannot apply to a firmware boot: the command line comes from the ESP's boot entries (/etc/kernel/cmdline in the image); unset it, or boot without --firmware"
+            );
+        }
+        Some(crate::firmware::ovmf()?)
+    } else {
+        None
+    };
     for (h, _) in &opts.forwards {
         TcpListener::bind(("127.0.0.1", *h)).map_err(|e| {
             anyhow::anyhow!(
@@ -175,6 +195,33 @@ pub fn start(dir: &Path, image: &Image, opts: &StartOptions) -> Result<Up> {
             overlay.display()
         );
     }
+    // The guest's own ESP: a raw sparse copy (mtools edits it; the guest may write it: bootctl,
+    // kernel-install), attached in both modes so the guest's layout is the same.
+    let esp = dir.join("esp.img");
+    let st = Command::new("cp")
+        .args(["--sparse=always", "--reflink=auto"])
+        .arg(&esp_img)
+        .arg(&esp)
+        .status()
+        .context("cannot run cp")?;
+    if !st.success() {
+        bail!(
+            "cannot copy the ESP disk {} to {}",
+            esp_img.display(),
+            esp.display()
+        );
+    }
+    let ovmf_vars = dir.join("OVMF_VARS.fd");
+    if let Some((_, vars)) = &ovmf {
+        crate::firmware::set_default(&esp, &opts.kernel)?;
+        std::fs::copy(vars, &ovmf_vars).with_context(|| {
+            format!(
+                "cannot copy the OVMF variable store {} to {}",
+                vars.display(),
+                ovmf_vars.display()
+            )
+        })?;
+    }
     let token: String = rand::rng()
         .sample_iter(rand::distr::Alphanumeric)
         .take(32)
@@ -192,15 +239,17 @@ pub fn start(dir: &Path, image: &Image, opts: &StartOptions) -> Result<Up> {
         netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{h}-:{g}"));
     }
     let thread = std::env::var("KUP_LAB_TCG_THREAD").unwrap_or_else(|_| "multi".into());
-    // watchdog.stop_on_reboot=0: the "boot loader's" command line of a machine set up for kup's hang
-    // protection (the watchdog keeps running through a kexec; docs/RELIABILITY.md).
-    let mut append =
-        "root=LABEL=kup-lab-root rw console=ttyS0,115200 mitigations=off watchdog.stop_on_reboot=0"
-            .to_owned();
-    if let Ok(extra) = std::env::var("KUP_LAB_APPEND") {
+    // The boot loader's command line (recipe::CMDLINE, also in the ESP's entries).
+    let mut append = crate::recipe::CMDLINE.to_owned();
+    if let Some(extra) = &extra_append {
         append.push(' ');
-        append.push_str(&extra);
+        append.push_str(extra);
     }
+    let net_device = if opts.firmware {
+        "virtio-net-pci,netdev=n0,romfile="
+    } else {
+        "virtio-net-pci,netdev=n0"
+    };
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args([
         "-accel",
@@ -223,11 +272,6 @@ pub fn start(dir: &Path, image: &Image, opts: &StartOptions) -> Result<Up> {
         "-serial",
         "chardev:con0",
     ])
-    .arg("-kernel")
-    .arg(&vmlinuz)
-    .arg("-initrd")
-    .arg(&initrd)
-    .args(["-append", &append])
     .args([
         "-drive",
         &format!(
@@ -243,12 +287,48 @@ pub fn start(dir: &Path, image: &Image, opts: &StartOptions) -> Result<Up> {
         ),
     ])
     .args(["-device", "virtio-blk-pci,drive=payload,serial=kup-payload"])
-    .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
+    .args([
+        "-drive",
+        &format!(
+            "file={},if=none,id=esp,format=raw,cache=unsafe",
+            esp.display()
+        ),
+    ])
+    // In firmware mode without iPXE's option ROM: the firmware never tries the network (saves
+    // seconds of PXE under TCG).
+    .args(["-netdev", &netdev, "-device", net_device])
     .args(["-device", "virtio-rng-pci"])
     // A hardware watchdog (Intel 6300ESB; Debian's cloud kernels have its driver): when it runs out
-    // the machine resets, and the firmware boots the default kernel (the lab's -kernel).
-    .args(["-device", "i6300esb", "-action", "watchdog=reset"])
-    .args([
+    // the machine resets, and the firmware boots the default kernel (systemd-boot's default or
+    // one-shot entry; in -kernel mode the lab's -kernel again).
+    .args(["-device", "i6300esb", "-action", "watchdog=reset"]);
+    match &ovmf {
+        Some((code, _)) => {
+            qemu.args([
+                "-drive",
+                &format!(
+                    "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                    code.display()
+                ),
+                "-drive",
+                &format!("if=pflash,format=raw,unit=1,file={}", ovmf_vars.display()),
+            ])
+            // The firmware boots the ESP disk first (bootindex: QEMU's boot order for OVMF).
+            .args([
+                "-device",
+                "virtio-blk-pci,drive=esp,serial=kup-esp,bootindex=0",
+            ]);
+        }
+        None => {
+            qemu.arg("-kernel")
+                .arg(&vmlinuz)
+                .arg("-initrd")
+                .arg(&initrd)
+                .args(["-append", &append])
+                .args(["-device", "virtio-blk-pci,drive=esp,serial=kup-esp"]);
+        }
+    }
+    qemu.args([
         "-pidfile",
         &dir.join("qemu.pid").display().to_string(),
         "-daemonize",
@@ -274,6 +354,7 @@ pub fn start(dir: &Path, image: &Image, opts: &StartOptions) -> Result<Up> {
         kernel: opts.kernel.clone(),
         boot_id: String::new(),
         console_offset: 0,
+        firmware: opts.firmware,
     };
     save(dir, &state)?;
     match wait_for_boot(dir, &mut state, opts.boot_timeout, false) {

@@ -24,10 +24,20 @@ enum Cmd {
     /// Build the guest image, or reuse the cached one, and print its directory.
     Image,
     /// Boot a guest from a fresh overlay of the image; return when it reaches multi-user.target.
+    ///
+    /// By default QEMU loads the kernel itself (-kernel/-initrd/-append), and a guest reset boots that
+    /// kernel again. With --firmware, UEFI firmware (OVMF, Debian's ovmf package) boots systemd-boot
+    /// from the guest's ESP disk, which boots its default entry (the --kernel's), or the one-shot
+    /// entry set with `bootctl set-oneshot`; a reset (panic, watchdog, reboot) goes through the
+    /// firmware and systemd-boot again. KUP_LAB_APPEND does not apply to firmware boots.
     Start {
-        /// Kernel to boot (Debian ABI name, e.g. 6.12.107+deb13-cloud-amd64); default: the recipe's first.
+        /// Kernel to boot (Debian ABI name, e.g. 6.12.107+deb13-cloud-amd64); default: the recipe's
+        /// first. With --firmware: its boot entry becomes systemd-boot's default.
         #[arg(long)]
         kernel: Option<String>,
+        /// Boot through UEFI firmware and systemd-boot instead of QEMU's -kernel.
+        #[arg(long)]
+        firmware: bool,
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 2048)]
         mem: u32,
@@ -94,6 +104,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Start {
             kernel,
+            firmware,
             mem,
             cpus,
             forwards,
@@ -121,11 +132,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 forwards,
                 payload_tree,
                 boot_timeout: Duration::from_secs(timeout),
+                firmware,
             };
             let up = vm::start(&dir, &img, &opts)?;
             eprintln!(
-                "lab: booted to multi-user in {:.1} s (agent answered after {:.1} s)",
-                up.multi_user_after, up.answered_after
+                "lab: booted{} to multi-user in {:.1} s (agent answered after {:.1} s)",
+                if firmware {
+                    " through the firmware (OVMF, systemd-boot)"
+                } else {
+                    ""
+                },
+                up.multi_user_after,
+                up.answered_after
             );
             println!("{}", up.line());
         }

@@ -63,6 +63,25 @@ impl Lab {
         ]);
     }
 
+    /// Boots `kernel` (2 GiB) through UEFI firmware and systemd-boot (`lab start --firmware`): OVMF
+    /// boots systemd-boot from the guest's ESP disk, whose default entry is made `kernel`'s, so a
+    /// reset or reboot goes through the firmware and the boot loader again (its default or one-shot
+    /// entry). `tree` is the payload, the guest's memcached is on 127.0.0.1:`port`.
+    pub fn boot_firmware(&self, tree: &std::path::Path, port: u16, kernel: &str) {
+        self.ok(&[
+            "start",
+            "--firmware",
+            "--kernel",
+            kernel,
+            "--mem",
+            "2048",
+            "--forward",
+            &format!("{port}:11211"),
+            "--payload-tree",
+            tree.to_str().unwrap(),
+        ]);
+    }
+
     /// Runs `cmd`, which begins a kernel switch: kupctl returns once the switch has begun (0) or
     /// loses the guest under it (255); anything else is a refusal or a failure before the switch.
     pub fn begin_switch(&self, cmd: &str) {
