@@ -91,10 +91,10 @@ const KUP_PATHS: &[&str] = &[
 ];
 
 /// Every path on the guest's root filesystem and in /run whose name says kup, less the lab's own
-/// (kup-lab*, its payload disk kup-payload), man-db's cache of rendered pages (/var/cache/man,
+/// (kup-lab*, its payload disk kup-payload, its ESP disk kup-esp / KUP-ESP), man-db's cache of rendered pages (/var/cache/man,
 /// man-db's to prune) and names that merely contain the letters (backup, lookup).
 const FIND_KUP: &str = "find / /run -xdev \\( -path /proc -o -path /sys -o -path /usr/lib/modules -o -path /var/cache/man \\) \
-     -prune -o -iname '*kup*' -print | grep -v -e kup-lab -e kup-payload | awk -F/ 'tolower($NF) !~ /backup|lookup/' | sort -u";
+     -prune -o -iname '*kup*' -print | grep -v -e kup-lab -e kup-payload -e kup-esp -e KUP-ESP | awk -F/ 'tolower($NF) !~ /backup|lookup/' | sort -u";
 
 #[test]
 #[ignore = "lab: boots QEMU guests; run through tests/run"]
