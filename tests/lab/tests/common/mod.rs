@@ -50,17 +50,7 @@ impl Lab {
     /// Boots OLD (2 GiB) with `tree` as the payload (kup's package installed at first boot) and
     /// the guest's memcached on 127.0.0.1:`port` of the host.
     pub fn boot_old(&self, tree: &std::path::Path, port: u16) {
-        self.ok(&[
-            "start",
-            "--kernel",
-            OLD,
-            "--mem",
-            "2048",
-            "--forward",
-            &format!("{port}:11211"),
-            "--payload-tree",
-            tree.to_str().unwrap(),
-        ]);
+        self.start(&["--kernel", OLD], tree, port);
     }
 
     /// Boots `kernel` (2 GiB) through UEFI firmware and systemd-boot (`lab start --firmware`): OVMF
@@ -68,18 +58,23 @@ impl Lab {
     /// reset or reboot goes through the firmware and the boot loader again (its default or one-shot
     /// entry). `tree` is the payload, the guest's memcached is on 127.0.0.1:`port`.
     pub fn boot_firmware(&self, tree: &std::path::Path, port: u16, kernel: &str) {
-        self.ok(&[
-            "start",
-            "--firmware",
-            "--kernel",
-            kernel,
+        self.start(&["--firmware", "--kernel", kernel], tree, port);
+    }
+
+    /// `lab start BOOT...` with 2 GiB, `tree` as the payload and memcached on `port` of the host.
+    fn start(&self, boot: &[&str], tree: &std::path::Path, port: u16) {
+        let forward = format!("{port}:11211");
+        let mut args = vec!["start"];
+        args.extend_from_slice(boot);
+        args.extend([
             "--mem",
             "2048",
             "--forward",
-            &format!("{port}:11211"),
+            &forward,
             "--payload-tree",
             tree.to_str().unwrap(),
         ]);
+        self.ok(&args);
     }
 
     /// Runs `cmd`, which begins a kernel switch: kupctl returns once the switch has begun (0) or
