@@ -100,13 +100,23 @@ pub fn systemd_boot() -> bool {
 }
 
 fn bootctl(args: &[&str]) -> Result<String, BootError> {
-    let out = Command::new("bootctl")
+    run("bootctl", args)
+}
+
+/// Runs `program ARGS` (bootctl, kernel-install), returning its stdout.
+fn run(program: &str, args: &[&str]) -> Result<String, BootError> {
+    let out = Command::new(program)
         .args(args)
         .output()
         .map_err(BootError::Spawn)?;
     if !out.status.success() {
+        let args = args.join(" ");
         return Err(BootError::Failed {
-            args: args.join(" "),
+            args: if program == "bootctl" {
+                args
+            } else {
+                format!("({program}) {args}")
+            },
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         });
     }
@@ -118,14 +128,20 @@ pub fn entries() -> Result<Vec<Entry>, BootError> {
     parse_entries(&bootctl(&["list", "--json=short", "--no-pager"])?)
 }
 
+/// systemd-boot's entry for kernel `version`.
+fn entry(version: &str) -> Result<Entry, BootError> {
+    entry_for(&entries()?, version)
+        .cloned()
+        .ok_or_else(|| BootError::NoEntry(version.to_owned()))
+}
+
 /// The initrd files (absolute paths) the firmware boots kernel `version` with; `Ok(None)` when the
 /// machine does not boot through systemd-boot (the initrd in /boot is what counts then).
 pub fn firmware_initrds(version: &str) -> Result<Option<Vec<PathBuf>>, BootError> {
     if !systemd_boot() {
         return Ok(None);
     }
-    let entries = entries()?;
-    let e = entry_for(&entries, version).ok_or_else(|| BootError::NoEntry(version.to_owned()))?;
+    let e = entry(version)?;
     let root = match &e.root {
         Some(r) => PathBuf::from(r),
         None => PathBuf::from(bootctl(&["--print-esp-path"])?.trim()),
@@ -145,8 +161,7 @@ pub fn come_back_to(version: &str) -> Result<String, BootError> {
     if !systemd_boot() {
         return Ok(no_loader_note());
     }
-    let entries = entries()?;
-    let e = entry_for(&entries, version).ok_or_else(|| BootError::NoEntry(version.to_owned()))?;
+    let e = entry(version)?;
     bootctl(&["set-oneshot", &e.id])?;
     Ok(format!(
         "the firmware's next boot is {} ({version}), once, should this switch not come through",
@@ -164,8 +179,7 @@ pub fn blessed(version: &str, make_default: bool) -> Result<String, BootError> {
     if !make_default {
         return Ok("the one-shot next boot is cleared".into());
     }
-    let entries = entries()?;
-    let e = entry_for(&entries, version).ok_or_else(|| BootError::NoEntry(version.to_owned()))?;
+    let e = entry(version)?;
     bootctl(&["set-default", &e.id])?;
     Ok(format!(
         "the one-shot next boot is cleared and {} ({version}) is the default entry",
@@ -180,26 +194,14 @@ pub fn sync_initrd(version: &str) -> Result<Option<String>, BootError> {
     if !systemd_boot() {
         return Ok(None);
     }
-    let entries = entries()?;
-    if entry_for(&entries, version).is_none() {
+    if entry_for(&entries()?, version).is_none() {
         return Ok(None);
     }
-    let args = [
-        "add".to_owned(),
-        version.to_owned(),
+    let (vmlinuz, initrd) = (
         format!("/boot/vmlinuz-{version}"),
         format!("/boot/initrd.img-{version}"),
-    ];
-    let out = Command::new("kernel-install")
-        .args(&args)
-        .output()
-        .map_err(BootError::Spawn)?;
-    if !out.status.success() {
-        return Err(BootError::Failed {
-            args: format!("(kernel-install) {}", args.join(" ")),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
+    );
+    run("kernel-install", &["add", version, &vmlinuz, &initrd])?;
     Ok(Some(format!(
         "systemd-boot's copy of {version}'s initrd refreshed (kernel-install add)"
     )))

@@ -20,13 +20,23 @@ pub enum SystemdError {
 
 /// Runs `systemctl ARGS`, returning its stdout.
 pub fn systemctl(args: &[&str]) -> Result<String, SystemdError> {
-    let out = Command::new("systemctl")
+    run("systemctl", args)
+}
+
+/// Runs one of systemd's tools, returning its trimmed stdout; a failure names the arguments.
+fn run(program: &str, args: &[&str]) -> Result<String, SystemdError> {
+    let out = Command::new(program)
         .args(args)
         .output()
         .map_err(SystemdError::Spawn)?;
     if !out.status.success() {
+        let args = args.join(" ");
         return Err(SystemdError::Failed {
-            args: args.join(" "),
+            args: if program == "systemctl" {
+                args
+            } else {
+                format!("({program}) {args}")
+            },
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         });
     }
@@ -46,17 +56,7 @@ pub fn set_kexec_watchdog(secs: u16) -> Result<(), SystemdError> {
         "t",
         usec.as_str(),
     ];
-    let out = Command::new("busctl")
-        .args(args)
-        .output()
-        .map_err(SystemdError::Spawn)?;
-    if !out.status.success() {
-        return Err(SystemdError::Failed {
-            args: format!("(busctl) {}", args.join(" ")),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(())
+    run("busctl", &args).map(|_| ())
 }
 
 /// One property of a unit (`systemctl show -p NAME --value UNIT`).
