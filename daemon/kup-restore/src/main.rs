@@ -33,8 +33,8 @@ fn main() -> Result<()> {
     match args.get(1).map(String::as_str) {
         Some("exec") => {
             let unit = args.get(2).context("usage: kup-restore exec UNIT")?;
-            let pid = kup::restore::exec(unit).with_context(|| format!("restoring {unit}"))?;
-            println!("kup: {unit} restored as PID {pid}");
+            let r = kup::restore::exec(unit).with_context(|| format!("restoring {unit}"))?;
+            println!("kup: {unit} restored as PID {} {}", r.pid, r.steps);
         }
         Some("holder") => kup::restore::spawn_holder().context("starting the restore holder")?,
         Some("hold") => kup::restore::hold(),

@@ -358,6 +358,26 @@ pub fn restore(
     Ok(resp.restore.pid())
 }
 
+/// Where CRIU (as root) caches its probe of the running kernel's features; gone at every boot.
+pub const KDAT_CACHE: &str = "/run/criu.kdat";
+
+/// Starts CRIU's probe of this kernel's features in the background (`criu check`, which writes
+/// [`KDAT_CACHE`] first thing) unless the cache is there already. Every later CRIU of this boot
+/// then skips the probe (over a second under emulation): worth starting while a restore still
+/// waits for something else. The caller kills the returned child once it stops being useful.
+pub fn warm_probe() -> Option<std::process::Child> {
+    if Path::new(KDAT_CACHE).exists() {
+        return None;
+    }
+    Command::new(CRIU)
+        .arg("check")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()
+}
+
 /// The socket a lazy-pages daemon listens on, in its image directory (CRIU's fixed name).
 pub const LAZY_PAGES_SOCKET: &str = "lazy-pages.socket";
 

@@ -149,7 +149,7 @@ pub fn generate(early_dir: &Path) -> Result<usize, RestoreError> {
 /// the holder from ExecStartPre= keeps the unit's fresh sandbox; restores the checkpoint inside it and
 /// hands systemd the restored main PID. Returns that PID. A failure is recorded in the manifest
 /// (the unit's state), where `finish` finds it.
-pub fn exec(unit: &str) -> Result<i32, RestoreError> {
+pub fn exec(unit: &str) -> Result<Restored, RestoreError> {
     let restored = restore_unit(unit);
     if let Err(e) = &restored {
         if let Ok(mut m) = manifest::read(Path::new(HANDOFF_DIR)) {
@@ -162,7 +162,47 @@ pub fn exec(unit: &str) -> Result<i32, RestoreError> {
     restored
 }
 
-fn restore_unit(unit: &str) -> Result<i32, RestoreError> {
+/// A unit's restore: the PID systemd was handed and where the time went.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Restored {
+    pub pid: i32,
+    pub steps: RestoreSteps,
+}
+
+/// Seconds spent in each step of one unit's restore (`kup-restore exec`), in their order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RestoreSteps {
+    /// The image check (`criu_image::check`).
+    pub check: f64,
+    /// Starting the lazy-pages server (lazy restores only).
+    pub lazy_server: f64,
+    /// Waiting for the kept connections' local addresses, and which they were.
+    pub address_wait: f64,
+    pub addresses: Vec<String>,
+    /// CRIU's restore, up to the tree running.
+    pub criu: f64,
+}
+
+impl std::fmt::Display for RestoreSteps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let total = self.check + self.lazy_server + self.address_wait + self.criu;
+        write!(f, "in {total:.1} s: images checked in {:.1} s", self.check)?;
+        if self.lazy_server > 0.0 {
+            write!(f, ", lazy-pages server up in {:.1} s", self.lazy_server)?;
+        }
+        if !self.addresses.is_empty() {
+            write!(
+                f,
+                ", {:.1} s waiting for {}",
+                self.address_wait,
+                self.addresses.join(", ")
+            )?;
+        }
+        write!(f, ", CRIU restore {:.1} s", self.criu)
+    }
+}
+
+fn restore_unit(unit: &str) -> Result<Restored, RestoreError> {
     let m = manifest::read(Path::new(HANDOFF_DIR))?;
     let u = m
         .unit(unit)
@@ -183,11 +223,30 @@ fn restore_unit(unit: &str) -> Result<i32, RestoreError> {
             });
         }
     }
+    let mut steps = RestoreSteps::default();
+    let mut probe = criu::warm_probe();
     let images = PathBuf::from(&u.images);
+    let t = Instant::now();
     crate::criu_image::check(&images)?;
+    steps.check = t.elapsed().as_secs_f64();
+    // Everything that does not need the network comes before the wait for it: the lazy-pages
+    // server starts (CRIU's kernel probe, cached in /run for the restore's own CRIU) while the
+    // boot is still configuring the addresses.
+    let lazy = m.restore == RestoreMode::Lazy;
+    if lazy {
+        let t = Instant::now();
+        start_lazy_pages(unit)?;
+        steps.lazy_server = t.elapsed().as_secs_f64();
+    }
     // A kept connection is restored onto its own local address: the unit's ordering (e.g. after
     // network.target) does not promise the address is configured yet, so wait for it.
+    let t = Instant::now();
     let missing = crate::tcp::wait_local_addresses(&u.tcp, Duration::from_secs(60));
+    steps.address_wait = t.elapsed().as_secs_f64();
+    steps.addresses = crate::tcp::local_addresses(&u.tcp)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     if !missing.is_empty() {
         return Err(RestoreError::AddressMissing {
             unit: unit.to_owned(),
@@ -207,11 +266,13 @@ fn restore_unit(unit: &str) -> Result<i32, RestoreError> {
         let _ = std::fs::write("/proc/sysrq-trigger", "c");
         Err(RestoreError::Injected("restore-panic".into()))
     });
-    let lazy = m.restore == RestoreMode::Lazy;
-    if lazy {
-        start_lazy_pages(unit)?;
+    if let Some(mut p) = probe.take() {
+        let _ = p.kill();
+        let _ = p.wait();
     }
+    let t = Instant::now();
     let pid = criu::restore(holder, &images, &u.inherit, lazy, unit)?;
+    steps.criu = t.elapsed().as_secs_f64();
     // CRIU has turned the connections' repair mode off: they may talk again.
     nft::unlock(unit);
     let _ = nix::sys::signal::kill(
@@ -231,7 +292,7 @@ fn restore_unit(unit: &str) -> Result<i32, RestoreError> {
         entry.state = UnitState::Restored;
     }
     manifest::write_atomic(Path::new(HANDOFF_DIR), &m)?;
-    Ok(pid)
+    Ok(Restored { pid, steps })
 }
 
 /// Starts `kup-restore lazy UNIT` beside us and returns once its CRIU lazy-pages daemon listens.
@@ -517,4 +578,33 @@ fn release_images(unit: &str, images: &Path) {
         }
     }
     let _ = std::fs::remove_dir_all(&claimed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_steps_name_each_step_and_the_total() {
+        let eager = RestoreSteps {
+            check: 0.04,
+            criu: 1.26,
+            ..RestoreSteps::default()
+        };
+        assert_eq!(
+            eager.to_string(),
+            "in 1.3 s: images checked in 0.0 s, CRIU restore 1.3 s"
+        );
+        let lazy = RestoreSteps {
+            check: 0.1,
+            lazy_server: 0.4,
+            address_wait: 2.5,
+            addresses: vec!["10.0.2.15".into()],
+            criu: 0.9,
+        };
+        assert_eq!(
+            lazy.to_string(),
+            "in 3.9 s: images checked in 0.1 s, lazy-pages server up in 0.4 s, 2.5 s waiting for 10.0.2.15, CRIU restore 0.9 s"
+        );
+    }
 }

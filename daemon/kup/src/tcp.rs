@@ -144,12 +144,18 @@ pub fn leave_repair(pids: &[i32]) -> usize {
 /// The local addresses of `conns` this machine does not have (yet): binding a socket to one fails
 /// with "cannot assign requested address" until the network configuration assigns it.
 pub fn missing_local_addresses(conns: &[TcpConn]) -> Vec<IpAddr> {
+    local_addresses(conns)
+        .into_iter()
+        .filter(|ip| std::net::TcpListener::bind(SocketAddr::new(*ip, 0)).is_err())
+        .collect()
+}
+
+/// The distinct local addresses of `conns`, sorted.
+pub fn local_addresses(conns: &[TcpConn]) -> Vec<IpAddr> {
     let mut ips: Vec<IpAddr> = conns.iter().map(|c| c.local.ip()).collect();
     ips.sort();
     ips.dedup();
-    ips.into_iter()
-        .filter(|ip| std::net::TcpListener::bind(SocketAddr::new(*ip, 0)).is_err())
-        .collect()
+    ips
 }
 
 /// Waits up to `limit` until every local address of `conns` is assigned (a kept connection can only
