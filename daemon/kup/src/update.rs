@@ -406,20 +406,35 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         }
         parents.push(precopy(&unit.name, &plan.image_dir, plan.precopy_rounds));
     }
+    // Whatever does not need the services frozen happens while they still serve: the target kernel
+    // is loaded now, and what pre-copy wrote goes to disk now, not in the switch's own sync.
+    if let Err(e) = kexec::load(&plan.target) {
+        rollback(&m);
+        return Err(UpdateError::Switch(e));
+    }
+    if plan.precopy_rounds > 0 {
+        nix::unistd::sync();
+    }
+    // When the first final dump froze its unit: the downtime begins there.
+    let mut frozen = None;
     for (i, unit) in plan.units.iter().enumerate() {
         progress("dump", 40 + 40 * i as u32 / n);
         let images = plan.image_dir.join(&unit.name);
-        let mut img = match dump_unit(&unit.name, &images, parents[i].as_deref()) {
-            Ok(img) => img,
-            Err(e) => {
-                rollback(&m);
-                return Err(e);
-            }
-        };
-        img.health.clone_from(&unit.health);
-        m.units.push(img);
-        manifest::write_atomic(handoff, &m)?;
-        write_boot_files(&m)?;
+        let recorded =
+            dump_unit(&unit.name, &images, parents[i].as_deref()).and_then(|(mut img, began)| {
+                frozen.get_or_insert(began);
+                img.health.clone_from(&unit.health);
+                m.units.push(img);
+                manifest::write_atomic(handoff, &m)?;
+                write_boot_files(&m)
+            });
+        // Nothing switched: every unit dumped so far (this one too, once in the manifest) comes
+        // back in place.
+        if let Err(e) = recorded {
+            kexec::unload();
+            rollback(&m);
+            return Err(e);
+        }
     }
     progress("switch", 90);
     // Fault tests: a disk that damages the manifest after it was written.
@@ -433,13 +448,17 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
     }
     // Fault tests: hold the update here, every unit dumped, the switch not begun (a power cut now).
     fail::fail_point!("switch");
-    if let Err(e) = kexec::load(&plan.target)
-        .and_then(|()| kexec::switch(plan.checks.kexec_watchdog, &m.from_kernel))
-    {
+    if let Err(e) = kexec::switch(plan.checks.kexec_watchdog, &m.from_kernel) {
         kexec::unload();
         rollback(&m);
         return Err(UpdateError::Switch(e));
     }
+    tracing::info!(
+        kup_phase = "switch",
+        "kup: switching to {} {:.1} s after the first final dump froze its unit",
+        plan.target.version,
+        frozen.map_or(0.0, |t| t.elapsed().as_secs_f64())
+    );
     Ok(())
 }
 
@@ -548,7 +567,7 @@ pub(crate) fn dump_unit(
     unit: &str,
     images: &Path,
     parent: Option<&str>,
-) -> Result<UnitImage, UpdateError> {
+) -> Result<(UnitImage, std::time::Instant), UpdateError> {
     let pid = systemd::main_pid(unit)?.ok_or_else(|| UpdateError::Refused {
         unit: unit.to_owned(),
         reason: "it stopped before its checkpoint".into(),
@@ -629,17 +648,20 @@ pub(crate) fn dump_unit(
         t.elapsed().as_secs_f64(),
         tcp.len()
     );
-    Ok(UnitImage {
-        unit: unit.to_owned(),
-        main_pid: pid,
-        pids,
-        images: images.display().to_string(),
-        external: stdio.external,
-        inherit: stdio.inherit,
-        tcp,
-        health: None,
-        state: UnitState::Dumped,
-    })
+    Ok((
+        UnitImage {
+            unit: unit.to_owned(),
+            main_pid: pid,
+            pids,
+            images: images.display().to_string(),
+            external: stdio.external,
+            inherit: stdio.inherit,
+            tcp,
+            health: None,
+            state: UnitState::Dumped,
+        },
+        t,
+    ))
 }
 
 /// Undoes what a CRIU that failed or died may have left on `unit`'s tree `pids`: its network-lock
