@@ -34,8 +34,8 @@ pub enum Scenario {
     Switch,
     /// kup with a full CRIU dump to disk and a full restore: no pre-copy, no lazy restore.
     Naive,
-    /// kup with lazy restore and kept TCP connections (lazy restore excludes pre-copy: CRIU's
-    /// lazy-pages cannot serve pages left in pre-copy images).
+    /// kup with lazy restore and kept TCP connections, no pre-copy (pre-copy + lazy restore
+    /// together: the update lab test).
     Kup,
     /// kup with pre-copy (3 rounds) and an eager restore.
     PreCopy,
