@@ -73,6 +73,13 @@ pub enum LazyError {
     NoData { pid: i32, addr: u64 },
     #[error("process {pid}: unexpected userfaultfd event {event:#x}")]
     Event { pid: i32, event: u8 },
+    #[error(
+        "{source}; the restored processes {pids:?} were killed, since their memory cannot be completed (the images stay: the boot's verify falls back to them)"
+    )]
+    Killed {
+        source: Box<LazyError>,
+        pids: Vec<i32>,
+    },
 }
 
 fn io_err(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> LazyError {
@@ -731,6 +738,73 @@ impl Server<'_> {
         }
         Ok(())
     }
+
+    /// Serves the restore on `conn` until every page is in.
+    fn run(&mut self, conn: &UnixStream) -> Result<(), LazyError> {
+        let (mut rx, mut fds) = (Vec::new(), VecDeque::new());
+        let (mut open, mut finished) = (true, false);
+        loop {
+            if open {
+                open = receive(conn, &mut rx, &mut fds)?;
+                while let Some((m, used)) =
+                    next_message(&rx, fds.len()).map_err(LazyError::Protocol)?
+                {
+                    rx.drain(..used);
+                    match m {
+                        Message::Task(pid) => {
+                            let fd = fds.pop_front().ok_or_else(|| {
+                                LazyError::Protocol(format!("pid {pid} without fd"))
+                            })?;
+                            self.add_task(pid, fd)?;
+                        }
+                        Message::Zombie(pid) => self.note(format_args!("process {pid}: a zombie")),
+                        Message::Finished => {
+                            finished = true;
+                            self.s.restore_took = Some(self.t0.elapsed());
+                            self.note(format_args!("the restore finished: background transfer"));
+                        }
+                    }
+                }
+                if !open && !finished {
+                    return Err(LazyError::RestoreGone(self.images.display().to_string()));
+                }
+            }
+            for t in 0..self.tasks.len() {
+                self.events(t)?;
+            }
+            for (t, addr) in std::mem::take(&mut self.retry) {
+                if self.fault(t, addr)? {
+                    self.retry.push((t, addr));
+                }
+            }
+            let work = finished && self.tasks.iter().any(|t| !t.iovs.is_empty());
+            if finished && !work && self.retry.is_empty() {
+                break;
+            }
+            if work {
+                self.background()?;
+            }
+            let timeout = if work || !self.retry.is_empty() {
+                PollTimeout::ZERO
+            } else {
+                PollTimeout::from(1000u16)
+            };
+            let mut p: Vec<PollFd> = self
+                .tasks
+                .iter()
+                .filter(|t| !t.gone)
+                .map(|t| PollFd::new(t.uffd.as_fd(), PollFlags::POLLIN))
+                .collect();
+            if open {
+                p.push(PollFd::new(conn.as_fd(), PollFlags::POLLIN));
+            }
+            match nix::poll::poll(&mut p, timeout) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(io_err("poll the userfaultfds")(e.into())),
+            }
+        }
+        Ok(())
+    }
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> Result<(), LazyError> {
@@ -836,65 +910,29 @@ pub fn serve(
         s: Summary::default(),
     };
     srv.note(format_args!("the restore connected"));
-    let (mut rx, mut fds) = (Vec::new(), VecDeque::new());
-    let (mut open, mut finished) = (true, false);
-    loop {
-        if open {
-            open = receive(&conn, &mut rx, &mut fds)?;
-            while let Some((m, used)) = next_message(&rx, fds.len()).map_err(LazyError::Protocol)? {
-                rx.drain(..used);
-                match m {
-                    Message::Task(pid) => {
-                        let fd = fds
-                            .pop_front()
-                            .ok_or_else(|| LazyError::Protocol(format!("pid {pid} without fd")))?;
-                        srv.add_task(pid, fd)?;
-                    }
-                    Message::Zombie(pid) => srv.note(format_args!("process {pid}: a zombie")),
-                    Message::Finished => {
-                        finished = true;
-                        srv.s.restore_took = Some(t0.elapsed());
-                        srv.note(format_args!("the restore finished: background transfer"));
-                    }
-                }
-            }
-            if !open && !finished {
-                return Err(LazyError::RestoreGone(images.display().to_string()));
-            }
-        }
-        for t in 0..srv.tasks.len() {
-            srv.events(t)?;
-        }
-        for (t, addr) in std::mem::take(&mut srv.retry) {
-            if srv.fault(t, addr)? {
-                srv.retry.push((t, addr));
-            }
-        }
-        let work = finished && srv.tasks.iter().any(|t| !t.iovs.is_empty());
-        if finished && !work && srv.retry.is_empty() {
-            break;
-        }
-        if work {
-            srv.background()?;
-        }
-        let timeout = if work || !srv.retry.is_empty() {
-            PollTimeout::ZERO
-        } else {
-            PollTimeout::from(1000u16)
-        };
-        let mut p: Vec<PollFd> = srv
+    if let Err(e) = srv.run(&conn) {
+        srv.note(format_args!("failed: {e}"));
+        // A process whose memory cannot be completed must not run on: once this server exits, its
+        // missing pages would read as zeros.
+        let pids: Vec<i32> = srv
             .tasks
             .iter()
             .filter(|t| !t.gone)
-            .map(|t| PollFd::new(t.uffd.as_fd(), PollFlags::POLLIN))
+            .map(|t| t.pid)
             .collect();
-        if open {
-            p.push(PollFd::new(conn.as_fd(), PollFlags::POLLIN));
+        if pids.is_empty() {
+            return Err(e);
         }
-        match nix::poll::poll(&mut p, timeout) {
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(e) => return Err(io_err("poll the userfaultfds")(e.into())),
+        for &pid in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
+        return Err(LazyError::Killed {
+            source: Box::new(e),
+            pids,
+        });
     }
     srv.s.took = t0.elapsed();
     let s = srv.s.clone();
