@@ -534,6 +534,34 @@ pub fn check(images: &Path) -> Result<ImageStats, ImageError> {
     Ok(stats)
 }
 
+/// An mm image as CRIU writes it, with these VMAs (and a field [`parse_vmas`] skips): for tests.
+#[cfg(test)]
+pub(crate) fn render_mm(vmas: &[(u64, u64)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    {
+        let mut s = CodedOutputStream::vec(&mut body);
+        let _ = s.write_uint64(1, 0x40_0000);
+        for &(a, b) in vmas {
+            let mut vma = Vec::new();
+            {
+                let mut v = CodedOutputStream::vec(&mut vma);
+                let _ = v.write_uint64(1, a);
+                let _ = v.write_uint64(2, b);
+                let _ = v.write_uint32(5, 3);
+                let _ = v.flush();
+            }
+            let _ = s.write_bytes(14, &vma);
+        }
+        let _ = s.flush();
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
+    out.extend_from_slice(&MM_MAGIC.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -784,39 +812,12 @@ mod tests {
         );
     }
 
-    /// An mm image: magics, one record with two VMAs (and a field the parser skips).
-    fn mm_image(vmas: &[(u64, u64)]) -> Vec<u8> {
-        let mut body = Vec::new();
-        {
-            let mut s = protobuf::CodedOutputStream::vec(&mut body);
-            s.write_uint64(1, 0x40_0000).unwrap();
-            for &(a, b) in vmas {
-                let mut vma = Vec::new();
-                {
-                    let mut v = protobuf::CodedOutputStream::vec(&mut vma);
-                    v.write_uint64(1, a).unwrap();
-                    v.write_uint64(2, b).unwrap();
-                    v.write_uint32(5, 3).unwrap();
-                    v.flush().unwrap();
-                }
-                s.write_bytes(14, &vma).unwrap();
-            }
-            s.flush().unwrap();
-        }
-        let mut out = Vec::new();
-        out.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
-        out.extend_from_slice(&MM_MAGIC.to_le_bytes());
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&body);
-        out
-    }
-
     #[test]
     fn vmas_are_read_from_the_mm_image() {
         let vmas = [(0x1000, 0x5000), (0x7f00_0000_0000, 0x7f00_0010_0000)];
-        assert_eq!(parse_vmas(&mm_image(&vmas)).unwrap(), vmas);
+        assert_eq!(parse_vmas(&render_mm(&vmas)).unwrap(), vmas);
         assert!(parse_vmas(b"short").is_err());
-        let mut cut = mm_image(&vmas);
+        let mut cut = render_mm(&vmas);
         cut.truncate(cut.len() - 3);
         assert!(parse_vmas(&cut).is_err());
     }
@@ -854,7 +855,7 @@ mod tests {
             .unwrap();
         }
         let fin_dir = &dirs[2];
-        std::fs::write(fin_dir.join("mm-42.img"), mm_image(&[(0, 10 * p)])).unwrap();
+        std::fs::write(fin_dir.join("mm-42.img"), render_mm(&[(0, 10 * p)])).unwrap();
         std::fs::write(fin_dir.join("inventory.img"), b"x").unwrap();
         std::fs::write(fin_dir.join("pstree.img"), b"x").unwrap();
         assert_eq!(mark_parent_pages_lazy(fin_dir).unwrap(), 7);

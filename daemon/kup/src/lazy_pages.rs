@@ -10,7 +10,8 @@
 //! is), and once the restore is finished everything else is copied in the background in chunks that
 //! grow while no fault comes. The process's own events keep the plan right: `REMOVE` (madvise) and
 //! `UNMAP` drop ranges, `REMAP` (mremap) moves them, `FORK` gives the child a copy of the parent's.
-//! [`next_message`], [`parse_event`], [`Iovs`] and [`read_plan`] are pure; [`serve`] does the I/O.
+//! [`next_message`], [`parse_event`], [`Iovs`] and [`read_plan`] are pure; [`serve`] does the I/O
+//! (its tests run it against a real userfaultfd of the test process where the kernel allows one).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
@@ -1113,5 +1114,285 @@ mod tests {
         assert_eq!(read_plan(&x, 3 * p, 2 * p), Err(4 * p), "no data");
         assert_eq!(read_plan(&x, 5 * p, 2 * p), Err(5 * p), "a hole");
         assert_eq!(read_plan(&x, 6 * p, 2 * p), Err(7 * p), "past the end");
+    }
+}
+
+/// The server against a real userfaultfd of this test process (root, or vm.unprivileged_userfaultfd;
+/// the test says so and passes where neither is given), with a two-layer image chain on disk.
+#[cfg(test)]
+#[allow(unsafe_code)]
+mod live {
+    use super::*;
+    use crate::criu_image::{Entry, PE_LAZY, PE_PARENT, PE_PRESENT, Pagemap};
+    use nix::libc;
+    use nix::sys::socket::{ControlMessage, sendmsg};
+    use std::io::IoSlice;
+    use std::os::fd::FromRawFd as _;
+
+    /// A pid no process has (above the largest pid_max): the kill of a failing server hits nothing.
+    const PID: i32 = 0x3fff_fff0;
+    const PAGES: u64 = 64;
+
+    #[repr(C)]
+    struct Api {
+        api: u64,
+        features: u64,
+        ioctls: u64,
+    }
+    #[repr(C)]
+    struct Register {
+        start: u64,
+        len: u64,
+        mode: u64,
+        ioctls: u64,
+    }
+    nix::ioctl_readwrite!(ioc_api, 0xAA, 0x3F, Api);
+    nix::ioctl_readwrite!(ioc_register, 0xAA, 0x00, Register);
+
+    /// A userfaultfd with MISSING faults registered on a fresh anonymous mapping of PAGES pages.
+    fn registered() -> Option<(OwnedFd, u64)> {
+        // SAFETY: the userfaultfd syscall takes flags only and returns a new descriptor or -1.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: a descriptor the kernel just returned, owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let mut api = Api {
+            api: 0xAA,
+            // EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP.
+            features: (1 << 2) | (1 << 3) | (1 << 6),
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API reads and writes `api`, which outlives the call.
+        unsafe { ioc_api(fd.as_raw_fd(), &mut api) }.ok()?;
+        // SAFETY: a new private anonymous mapping; nothing else uses the range.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                (PAGES * PAGE) as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        let mut reg = Register {
+            start: addr as u64,
+            len: PAGES * PAGE,
+            mode: 1,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes `reg`, which outlives the call.
+        unsafe { ioc_register(fd.as_raw_fd(), &mut reg) }.ok()?;
+        Some((fd, addr as u64))
+    }
+
+    fn byte(addr: u64) -> u8 {
+        // SAFETY: `addr` is inside the test's mapping; a missing page blocks until the server
+        // (another thread) brings it in.
+        unsafe { std::ptr::read_volatile(addr as *const u8) }
+    }
+
+    fn e(vaddr: u64, nr_pages: u64, flags: u32) -> Entry {
+        Entry {
+            vaddr,
+            nr_pages,
+            flags,
+        }
+    }
+
+    /// Pre-copy layer: pages 0..60 (page i filled with i + 1). Final dump: pages 10..12 changed
+    /// (filled with 0xEE), the rest in the parent; pages 60..64 in no image (zero on fault).
+    fn images(dir: &Path, base: u64) {
+        let pre = dir.join("pre-1");
+        let fin = dir.join("final");
+        std::fs::create_dir_all(&pre).unwrap();
+        std::fs::create_dir_all(&fin).unwrap();
+        std::os::unix::fs::symlink("../pre-1", fin.join("parent")).unwrap();
+        let write = |d: &Path, entries: Vec<Entry>, pages: Vec<u8>| {
+            let pm = Pagemap {
+                pages_id: 1,
+                entries,
+            };
+            std::fs::write(
+                d.join(format!("pagemap-{PID}.img")),
+                criu_image::render(&pm),
+            )
+            .unwrap();
+            std::fs::write(d.join("pages-1.img"), pages).unwrap();
+        };
+        let mut pages = Vec::new();
+        for i in 0..60u8 {
+            pages.extend(std::iter::repeat_n(i + 1, PAGE as usize));
+        }
+        write(&pre, vec![e(base, 60, PE_PRESENT | PE_LAZY)], pages);
+        write(
+            &fin,
+            vec![
+                e(base, 10, PE_PARENT | PE_LAZY),
+                e(base + 10 * PAGE, 2, PE_PRESENT | PE_LAZY),
+                e(base + 12 * PAGE, 48, PE_PARENT | PE_LAZY),
+            ],
+            vec![0xEE; 2 * PAGE as usize],
+        );
+        std::fs::write(
+            fin.join(format!("mm-{PID}.img")),
+            criu_image::render_mm(&[(base, base + PAGES * PAGE)]),
+        )
+        .unwrap();
+    }
+
+    /// Aborts the test process if it hangs (a page that never comes blocks its reader for good).
+    fn watchdog() -> std::sync::mpsc::Sender<()> {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+                eprintln!("lazy_pages live test: hung for 60 s");
+                std::process::abort();
+            }
+        });
+        tx
+    }
+
+    /// The server's thread: what `serve` returned and its log.
+    type Running = std::thread::JoinHandle<(Result<Summary, LazyError>, String)>;
+
+    fn start(dir: &Path) -> (Running, UnixStream) {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let d = dir.to_path_buf();
+        let server = std::thread::spawn(move || {
+            let mut log = Vec::new();
+            let r = serve(&d, move || ready_tx.send(()).unwrap(), &mut log);
+            (r, String::from_utf8_lossy(&log).into_owned())
+        });
+        ready_rx.recv().unwrap();
+        let conn = UnixStream::connect(dir.join(SOCKET)).unwrap();
+        (server, conn)
+    }
+
+    #[test]
+    fn faults_and_background_bring_every_page_in_from_the_chain() {
+        let Some((uffd, base)) = registered() else {
+            eprintln!("no userfaultfd here (not root, vm.unprivileged_userfaultfd = 0): skipped");
+            return;
+        };
+        let done = watchdog();
+        let root = tempfile::tempdir().unwrap();
+        images(root.path(), base);
+        let fin = root.path().join("final");
+        let (server, mut conn) = start(&fin);
+        // What criu restore sends: a zombie, then the pid and its userfaultfd (one dummy byte).
+        conn.write_all(&(-5i32).to_ne_bytes()).unwrap();
+        conn.write_all(&PID.to_ne_bytes()).unwrap();
+        let fds = [uffd.as_raw_fd()];
+        sendmsg::<()>(
+            conn.as_raw_fd(),
+            &[IoSlice::new(&[0])],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        // The server holds the only descriptor now: once it is done, the range is unregistered.
+        drop(uffd);
+        // Faults before the restore finished: a parent page, a final-dump page, a page in no image.
+        assert_eq!(byte(base + 3 * PAGE + 17), 4);
+        assert_eq!(byte(base + 11 * PAGE), 0xEE);
+        assert_eq!(byte(base + 62 * PAGE), 0);
+        // The process drops pages 20..22 (REMOVE: the kernel's zero pages from now on) and unmaps
+        // 40..50 (UNMAP); each call returns once the server has read its event.
+        // SAFETY: ranges inside the test's own mapping, which nothing else references.
+        unsafe {
+            assert_eq!(
+                libc::madvise(
+                    (base + 20 * PAGE) as *mut libc::c_void,
+                    (2 * PAGE) as usize,
+                    libc::MADV_DONTNEED
+                ),
+                0
+            );
+            assert_eq!(
+                libc::munmap(
+                    (base + 40 * PAGE) as *mut libc::c_void,
+                    (10 * PAGE) as usize
+                ),
+                0
+            );
+        }
+        assert_eq!(byte(base + 21 * PAGE), 0);
+        // And moves 30..34 elsewhere (REMAP): their data follows them.
+        // SAFETY: a range inside the test's own mapping, which nothing else references.
+        let moved = unsafe {
+            libc::mremap(
+                (base + 30 * PAGE) as *mut libc::c_void,
+                (4 * PAGE) as usize,
+                (4 * PAGE) as usize,
+                libc::MREMAP_MAYMOVE,
+            )
+        };
+        assert_ne!(moved, libc::MAP_FAILED);
+        let moved = moved as u64;
+        assert_eq!(byte(moved + PAGE), 32);
+        conn.write_all(&RESTORE_FINISHED.to_ne_bytes()).unwrap();
+        let (r, log) = server.join().unwrap();
+        let s = r.unwrap_or_else(|e| panic!("{e}\n{log}"));
+        for i in 30..34 {
+            assert_eq!(
+                byte(moved + (i - 30) * PAGE + 9),
+                i as u8 + 1,
+                "moved page {i}"
+            );
+        }
+        for i in (0..30).chain(34..40).chain(50..PAGES) {
+            let want = match i {
+                10 | 11 => 0xEE,
+                20 | 21 | 60.. => 0,
+                _ => i as u8 + 1,
+            };
+            assert_eq!(byte(base + i * PAGE + 4095), want, "page {i}\n{log}");
+        }
+        assert_eq!(s.processes, 1);
+        assert_eq!(s.lazy_bytes, 60 * PAGE);
+        assert_eq!(s.fault_bytes + s.background_bytes, 48 * PAGE, "{s:?}");
+        assert_eq!(s.dropped_bytes, 12 * PAGE, "{s:?}");
+        assert_eq!((s.faults, s.zero_pages), (3, 1), "{s:?}");
+        assert!(
+            log.contains("a zombie") && log.contains("every page is in"),
+            "{log}"
+        );
+        done.send(()).unwrap();
+    }
+
+    #[test]
+    fn a_restore_that_goes_away_unfinished_is_an_error_and_images_without_the_pid_too() {
+        let root = tempfile::tempdir().unwrap();
+        let (server, conn) = start(root.path());
+        drop(conn);
+        let (r, _) = server.join().unwrap();
+        assert!(matches!(r, Err(LazyError::RestoreGone(_))), "{r:?}");
+        // A pid whose pagemap is not in the images.
+        let (server, conn) = start(root.path());
+        (&conn).write_all(&7i32.to_ne_bytes()).unwrap();
+        let (a, _b) = UnixStream::pair().unwrap();
+        let fds = [a.as_raw_fd()];
+        sendmsg::<()>(
+            conn.as_raw_fd(),
+            &[IoSlice::new(&[0])],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        let (r, _) = server.join().unwrap();
+        let err = r.unwrap_err().to_string();
+        assert!(err.contains("pagemap-7.img"), "{err}");
+        // Nothing but "finished": done at once.
+        let (server, mut conn) = start(root.path());
+        conn.write_all(&RESTORE_FINISHED.to_ne_bytes()).unwrap();
+        let (r, _) = server.join().unwrap();
+        assert_eq!(r.unwrap().processes, 0);
     }
 }
