@@ -11,7 +11,8 @@
 //! grow while no fault comes. The process's own events keep the plan right: `REMOVE` (madvise) and
 //! `UNMAP` drop ranges, `REMAP` (mremap) moves them, `FORK` gives the child a copy of the parent's.
 //! [`next_message`], [`parse_event`], [`Iovs`] and [`read_plan`] are pure; [`serve`] does the I/O
-//! (its tests run it against a real userfaultfd of the test process where the kernel allows one).
+//! (its tests run it against a real userfaultfd of the test process where the kernel allows one:
+//! faults, REMOVE, UNMAP, REMAP and FORK).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
@@ -564,6 +565,7 @@ impl Server<'_> {
                 Ok(Copied::Again)
             }
             Errno::ESRCH | Errno::ENOSPC => {
+                self.s.dropped_bytes += len - done;
                 self.gone(t);
                 Ok(Copied::Done)
             }
@@ -1161,8 +1163,8 @@ mod live {
         let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
         let mut api = Api {
             api: 0xAA,
-            // EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP.
-            features: (1 << 2) | (1 << 3) | (1 << 6),
+            // EVENT_FORK, EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP (what criu restore asks for).
+            features: (1 << 1) | (1 << 2) | (1 << 3) | (1 << 6),
             ioctls: 0,
         };
         // SAFETY: UFFDIO_API reads and writes `api`, which outlives the call.
@@ -1325,17 +1327,49 @@ mod live {
         assert_eq!(byte(base + 21 * PAGE), 0);
         // And moves 30..34 elsewhere (REMAP): their data follows them.
         // SAFETY: a range inside the test's own mapping, which nothing else references.
+        // SAFETY: a fresh mapping (the destination), then a move inside the test's own mappings.
         let moved = unsafe {
+            let dst = libc::mmap(
+                std::ptr::null_mut(),
+                (4 * PAGE) as usize,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(dst, libc::MAP_FAILED);
             libc::mremap(
                 (base + 30 * PAGE) as *mut libc::c_void,
                 (4 * PAGE) as usize,
                 (4 * PAGE) as usize,
-                libc::MREMAP_MAYMOVE,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                dst,
             )
         };
         assert_ne!(moved, libc::MAP_FAILED);
         let moved = moved as u64;
+        assert_ne!(moved, base + 30 * PAGE);
         assert_eq!(byte(moved + PAGE), 32);
+        // A child (FORK: it gets its own userfaultfd and a copy of the plan) reads a page neither
+        // it nor its parent has yet, and exits.
+        // SAFETY: the child only reads its memory and _exits (nothing that could wait on a lock
+        // another thread of this test process held at the fork); clone(SIGCHLD) is fork.
+        // The raw syscall, not glibc's fork(): that one holds malloc's locks across the syscall,
+        // which waits here until the server thread (which allocates) has read the FORK event.
+        let child =
+            unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0) }
+                as libc::pid_t;
+        if child == 0 {
+            let ok = byte(base + 25 * PAGE + 1) == 26;
+            // SAFETY: leaves the child at once, without running the parent's exit handlers.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None).unwrap();
+        assert_eq!(
+            status,
+            nix::sys::wait::WaitStatus::Exited(nix::unistd::Pid::from_raw(child), 0),
+            "the forked child read its page"
+        );
         conn.write_all(&RESTORE_FINISHED.to_ne_bytes()).unwrap();
         let (r, log) = server.join().unwrap();
         let s = r.unwrap_or_else(|e| panic!("{e}\n{log}"));
@@ -1356,9 +1390,17 @@ mod live {
         }
         assert_eq!(s.processes, 1);
         assert_eq!(s.lazy_bytes, 60 * PAGE);
-        assert_eq!(s.fault_bytes + s.background_bytes, 48 * PAGE, "{s:?}");
-        assert_eq!(s.dropped_bytes, 12 * PAGE, "{s:?}");
-        assert_eq!((s.faults, s.zero_pages), (3, 1), "{s:?}");
+        // The parent's 60 pages (48 in, 12 dropped), and the child's plan, the 37 pages its
+        // parent still lacked at the fork: what it got before it exited, the rest dropped when its
+        // memory was gone.
+        assert!(s.fault_bytes + s.background_bytes >= 48 * PAGE, "{s:?}");
+        assert_eq!(
+            s.fault_bytes + s.background_bytes + s.dropped_bytes,
+            (60 + 37) * PAGE,
+            "{s:?}"
+        );
+        assert!(log.contains("forked"), "{log}");
+        assert_eq!((s.faults, s.zero_pages), (4, 1), "{s:?}");
         assert!(
             log.contains("a zombie") && log.contains("every page is in"),
             "{log}"
