@@ -34,19 +34,23 @@ pub enum Scenario {
     Switch,
     /// kup with a full CRIU dump to disk and a full restore: no pre-copy, no lazy restore.
     Naive,
-    /// kup with lazy restore and kept TCP connections (lazy restore excludes pre-copy: CRIU's
-    /// lazy-pages cannot serve pages left in pre-copy images).
+    /// kup with lazy restore and kept TCP connections, no pre-copy (pre-copy + lazy restore
+    /// together: the update lab test).
     Kup,
     /// kup with pre-copy (3 rounds) and an eager restore.
     PreCopy,
+    /// kup with pre-copy (3 rounds) and a lazy restore (kup's lazy-pages server reads the pages
+    /// from the whole image chain): a short freeze and an early resume.
+    LazyPreCopy,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 4] = [
+    pub const ALL: [Scenario; 5] = [
         Scenario::Switch,
         Scenario::Naive,
         Scenario::Kup,
         Scenario::PreCopy,
+        Scenario::LazyPreCopy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -55,6 +59,7 @@ impl Scenario {
             Scenario::Naive => "naive (full dump + full restore)",
             Scenario::Kup => "kup (lazy restore)",
             Scenario::PreCopy => "kup (pre-copy + eager restore)",
+            Scenario::LazyPreCopy => "kup (pre-copy + lazy restore)",
         }
     }
 
@@ -63,7 +68,7 @@ impl Scenario {
             Scenario::Switch => Kind::Switch,
             Scenario::Naive => Kind::Naive,
             Scenario::Kup => Kind::Kup,
-            Scenario::PreCopy => Kind::Other,
+            Scenario::PreCopy | Scenario::LazyPreCopy => Kind::Other,
         }
     }
 
@@ -79,6 +84,9 @@ impl Scenario {
             }
             Scenario::PreCopy => {
                 "[update]\nprecopy_rounds = 3\nrestore = \"eager\"\n\n[[unit]]\nname = \"memcached.service\"\n"
+            }
+            Scenario::LazyPreCopy => {
+                "[update]\nprecopy_rounds = 3\nrestore = \"lazy\"\n\n[[unit]]\nname = \"memcached.service\"\n"
             }
         }
     }
@@ -234,7 +242,7 @@ impl LabBench {
                 "kexec -s -l /boot/vmlinuz-{v} --initrd=/boot/initrd.img-{v} --reuse-cmdline && systemctl kexec --no-block",
                 v = self.new
             ),
-            Scenario::Naive | Scenario::Kup | Scenario::PreCopy => {
+            Scenario::Naive | Scenario::Kup | Scenario::PreCopy | Scenario::LazyPreCopy => {
                 format!("kupctl update --kernel {}", self.new)
             }
         };

@@ -229,7 +229,10 @@ fn main() -> anyhow::Result<()> {
                     "naive" => Ok(Scenario::Naive),
                     "kup" => Ok(Scenario::Kup),
                     "precopy" => Ok(Scenario::PreCopy),
-                    other => bail!("unknown scenario {other:?}; use switch, naive, kup or precopy"),
+                    "lazy-precopy" => Ok(Scenario::LazyPreCopy),
+                    other => bail!(
+                        "unknown scenario {other:?}; use switch, naive, kup, precopy or lazy-precopy"
+                    ),
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let runs = out.join("runs");

@@ -193,8 +193,9 @@ pub enum RestoreMode {
     /// Every page is read back before the unit resumes (the unit never waits on a page later).
     #[default]
     Eager,
-    /// The unit resumes at once; its pages arrive on first touch (userfaultfd, CRIU lazy-pages)
-    /// and in the background until all are in. The images stay until then.
+    /// The unit resumes at once; its pages arrive on first touch (userfaultfd, kup's lazy-pages
+    /// server, pre-copy images included) and in the background until all are in. The images stay
+    /// until then.
     Lazy,
 }
 

@@ -161,7 +161,8 @@ pub enum Action {
     /// A whole dump with the tree left running afterwards (`--leave-running`): the dry-run's trial.
     TrialDump,
     Restore,
-    /// Restore with the memory left out: a `criu lazy-pages` daemon serves it (see [`lazy_pages`]).
+    /// Restore with the memory left out: kup's lazy-pages server serves it
+    /// ([`crate::lazy_pages`]).
     LazyRestore,
 }
 
@@ -328,7 +329,7 @@ pub fn trial_dump(pid: i32, images: &Path, stdio: &Stdio, what: &str) -> Result<
 
 /// Restores the images inside the mount and UTS namespaces of `ns_pid`, handing CRIU the
 /// descriptors of `inherit` (this process's own); returns the restored root PID. With `lazy`, the
-/// memory is left to the [`lazy_pages`] daemon already listening in `images`.
+/// memory is left to the lazy-pages server ([`crate::lazy_pages`]) already listening in `images`.
 pub fn restore(
     ns_pid: i32,
     images: &Path,
@@ -376,52 +377,6 @@ pub fn warm_probe() -> Option<std::process::Child> {
         .stderr(std::process::Stdio::null())
         .spawn()
         .ok()
-}
-
-/// The socket a lazy-pages daemon listens on, in its image directory (CRIU's fixed name).
-pub const LAZY_PAGES_SOCKET: &str = "lazy-pages.socket";
-
-/// Starts `criu lazy-pages` on `images` and returns once it listens: it serves the restored tree's
-/// page faults and pushes the rest of the memory in the background, then exits (status 0 when every
-/// page went in). It logs to `images/lazy-pages.log`.
-pub fn lazy_pages(images: &Path, what: &str) -> Result<std::process::Child, CriuError> {
-    let socket = images.join(LAZY_PAGES_SOCKET);
-    let _ = std::fs::remove_file(&socket);
-    let mut child = Command::new(CRIU)
-        .arg("lazy-pages")
-        .arg("--images-dir")
-        .arg(images)
-        .args(["--log-file", "lazy-pages.log", "-v4"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .map_err(|source| CriuError::Spawn {
-            program: CRIU.into(),
-            source,
-        })?;
-    let t0 = std::time::Instant::now();
-    while !socket.exists() {
-        if let Ok(Some(st)) = child.try_wait() {
-            let log = images.join("lazy-pages.log");
-            return Err(CriuError::Failed {
-                action: "lazy-pages",
-                what: what.to_owned(),
-                log: log.display().to_string(),
-                tail: format!("criu lazy-pages exited ({st})\n{}", log_errors(&log)),
-            });
-        }
-        if t0.elapsed() > std::time::Duration::from_secs(10) {
-            let _ = child.kill();
-            return Err(CriuError::Failed {
-                action: "lazy-pages",
-                what: what.to_owned(),
-                log: images.join("lazy-pages.log").display().to_string(),
-                tail: format!("no {} after 10 s", socket.display()),
-            });
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    Ok(child)
 }
 
 /// Runs one RPC with `criu swrk` started inside the mount and UTS namespaces of `ns_pid`; CRIU's

@@ -2,11 +2,15 @@
 //! CRIU's images/pagemap.proto) must parse, its pages file must hold exactly the pages it lists as
 //! present, and pages it leaves in a parent image (pre-copy rounds) must be there. kup checks a unit's
 //! images after its dump, before the kernel switch, and again before the restore (an `fsck` of the
-//! image store). [`parse`], [`resolve`] and [`check_pagemaps`] are pure; [`check`] reads the files.
+//! image store). The same chain is indexed for kup's lazy-pages server ([`process_pages`]: where each
+//! page's data is, which pages are lazy), and a dump restored lazily after pre-copy gets `PE_LAZY`
+//! on the pages it left in its parents ([`mark_parent_pages_lazy`]). [`parse`], [`parse_vmas`],
+//! [`locate`], [`lazy_ranges`], [`with_parent_laziness`], [`render`] and [`check_pagemaps`] are pure;
+//! [`check`], [`process_pages`] and [`mark_parent_pages_lazy`] read the files.
 
 use std::path::Path;
 
-use protobuf::CodedInputStream;
+use protobuf::{CodedInputStream, CodedOutputStream};
 
 /// The page is in a parent image.
 pub const PE_PARENT: u32 = 1 << 0;
@@ -17,6 +21,7 @@ pub const PE_PRESENT: u32 = 1 << 2;
 
 const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 const PAGEMAP_MAGIC: u32 = 0x5608_4025;
+const MM_MAGIC: u32 = 0x5749_2820;
 const PAGE: u64 = 4096;
 
 /// Why a pagemap image could not be used.
@@ -133,24 +138,228 @@ fn fields(
     Ok(())
 }
 
-/// The page ranges `entries` make available, resolving `PE_PARENT` ranges through `parent` (the
-/// parent image's resolved ranges): `(start, end, lazy)`, sorted. Parent pages the parent lacks
-/// are missing from the result.
-pub fn resolve(entries: &[Entry], parent: &[(u64, u64, bool)]) -> Vec<(u64, u64, bool)> {
-    let mut out = Vec::new();
+/// Where one range of a process's memory is in an image chain: `start..end` (addresses at dump
+/// time), whether CRIU may leave it to a lazy-pages server, and its data: `(layer, offset)` in
+/// layer `layer`'s pages file (0 = the final dump, 1 = its parent, ...), `None` when no image holds
+/// it (CRIU's remote lazy dumps, never kup's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub start: u64,
+    pub end: u64,
+    pub lazy: bool,
+    pub data: Option<(usize, u64)>,
+}
+
+/// The extents `entries` (the pagemap of layer `layer`) make available, resolving `PE_PARENT`
+/// ranges through `parent` (the parent layer's extents, sorted): sorted, each with its data's
+/// place. Parent pages the parent lacks are missing from the result.
+pub fn locate(entries: &[Entry], layer: usize, parent: &[Extent]) -> Vec<Extent> {
+    let mut out = Vec::with_capacity(entries.len());
+    let mut offset = 0;
     for e in entries {
         if e.flags & PE_PARENT != 0 {
-            for &(s, t, lazy) in parent {
-                let (a, b) = (s.max(e.vaddr), t.min(e.end()));
+            let from = parent.partition_point(|p| p.end <= e.vaddr);
+            for p in parent[from..].iter().take_while(|p| p.start < e.end()) {
+                let (a, b) = (p.start.max(e.vaddr), p.end.min(e.end()));
                 if a < b {
-                    out.push((a, b, lazy));
+                    out.push(Extent {
+                        start: a,
+                        end: b,
+                        lazy: p.lazy,
+                        data: p.data.map(|(l, o)| (l, o + (a - p.start))),
+                    });
                 }
             }
         } else {
-            out.push((e.vaddr, e.end(), e.flags & PE_LAZY != 0));
+            let data = (e.flags & PE_PRESENT != 0).then_some((layer, offset));
+            if data.is_some() {
+                offset += e.nr_pages * PAGE;
+            }
+            out.push(Extent {
+                start: e.vaddr,
+                end: e.end(),
+                lazy: e.flags & PE_LAZY != 0,
+                data,
+            });
         }
     }
     out
+}
+
+/// Writes a pagemap image in CRIU's current form (flags, `nr_pages` and its 32-bit compat field).
+pub fn render(pm: &Pagemap) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
+    out.extend_from_slice(&PAGEMAP_MAGIC.to_le_bytes());
+    let mut record = |build: &dyn Fn(&mut CodedOutputStream) -> protobuf::Result<()>| {
+        let mut body = Vec::new();
+        {
+            let mut s = CodedOutputStream::vec(&mut body);
+            // Writing into a Vec cannot fail.
+            let _ = build(&mut s).and_then(|()| s.flush());
+        }
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+    };
+    record(&|s| s.write_uint32(1, pm.pages_id));
+    for e in &pm.entries {
+        record(&|s| {
+            s.write_uint64(1, e.vaddr)?;
+            s.write_uint32(2, u32::try_from(e.nr_pages).unwrap_or(u32::MAX))?;
+            s.write_uint32(4, e.flags)?;
+            s.write_uint64(5, e.nr_pages)
+        });
+    }
+    out
+}
+
+/// `entries` with each `PE_PARENT` entry split along `parent` (the parent's extents) and flagged
+/// `PE_LAZY` where the parent's page is lazy (CRIU never marks a stack page lazy, and a parent
+/// keeps that). Pages the parent does not have keep their entry unchanged.
+pub fn with_parent_laziness(entries: &[Entry], parent: &[Extent]) -> Vec<Entry> {
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        if e.flags & PE_PARENT == 0 {
+            out.push(*e);
+            continue;
+        }
+        let mut at = e.vaddr;
+        let mut push = |from: u64, to: u64, flags: u32| {
+            if from < to {
+                out.push(Entry {
+                    vaddr: from,
+                    nr_pages: (to - from) / PAGE,
+                    flags,
+                });
+            }
+        };
+        let from = parent.partition_point(|p| p.end <= e.vaddr);
+        for p in parent[from..].iter().take_while(|p| p.start < e.end()) {
+            let (a, b) = (p.start.max(at), p.end.min(e.end()));
+            if a >= b {
+                continue;
+            }
+            push(at, a, e.flags);
+            let flags = if p.lazy {
+                e.flags | PE_LAZY
+            } else {
+                e.flags & !PE_LAZY
+            };
+            push(a, b, flags);
+            at = b;
+        }
+        push(at, e.end(), e.flags);
+    }
+    // Neighbours with the same flags are one entry again (CRIU's own pagemaps never split a run).
+    let mut merged: Vec<Entry> = Vec::with_capacity(out.len());
+    for e in out {
+        match merged.last_mut() {
+            Some(l) if l.flags == e.flags && l.flags & PE_PRESENT == 0 && l.end() == e.vaddr => {
+                l.nr_pages += e.nr_pages;
+            }
+            _ => merged.push(e),
+        }
+    }
+    merged
+}
+
+/// Parses CRIU's `mm-ID.img` (images/mm.proto) for the process's VMAs: `(start, end)`, as listed.
+pub fn parse_vmas(bytes: &[u8]) -> Result<Vec<(u64, u64)>, String> {
+    if u32_at(bytes, 0) != Some(IMG_COMMON_MAGIC) || u32_at(bytes, 4) != Some(MM_MAGIC) {
+        return Err("wrong magic".into());
+    }
+    let len = u32_at(bytes, 8).ok_or("truncated record size")? as usize;
+    let body = bytes.get(12..12 + len).ok_or("truncated record")?;
+    let mut vmas = Vec::new();
+    fields(body, |n, s| {
+        if n != 14 {
+            return Ok(false);
+        }
+        let vma = s.read_bytes()?;
+        let (mut start, mut end) = (0, 0);
+        fields(&vma, |n, s| {
+            match n {
+                1 => start = s.read_uint64()?,
+                2 => end = s.read_uint64()?,
+                _ => return Ok(false),
+            }
+            Ok(true)
+        })
+        .map_err(|e| protobuf::Error::from(std::io::Error::other(e)))?;
+        vmas.push((start, end));
+        Ok(true)
+    })?;
+    Ok(vmas)
+}
+
+/// The ranges a lazy-pages server serves for one process: the final pagemap's `PE_LAZY` entries,
+/// split where a VMA ends (one `UFFDIO_COPY` stays inside one VMA). Sorted.
+pub fn lazy_ranges(entries: &[Entry], vmas: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for e in entries.iter().filter(|e| e.flags & PE_LAZY != 0) {
+        let from = vmas.partition_point(|v| v.1 <= e.vaddr);
+        for &(s, t) in vmas[from..].iter().take_while(|v| v.0 < e.end()) {
+            let (a, b) = (s.max(e.vaddr), t.min(e.end()));
+            if a < b {
+                out.push((a, b));
+            }
+        }
+    }
+    out
+}
+
+/// One process's memory in an image chain, indexed once for a lazy-pages server.
+#[derive(Debug, Clone)]
+pub struct ProcessPages {
+    /// Each layer's pages file (0 = the final dump, then its parents).
+    pub pages_files: Vec<std::path::PathBuf>,
+    /// Where each range's data is ([`locate`] through the chain), sorted.
+    pub extents: Vec<Extent>,
+    /// What the server must bring in ([`lazy_ranges`]).
+    pub lazy: Vec<(u64, u64)>,
+}
+
+/// Indexes process `pid`'s memory in the dump in `images` and its `parent` chain.
+pub fn process_pages(images: &Path, pid: i32) -> Result<ProcessPages, ImageError> {
+    let name = format!("pagemap-{pid}.img");
+    let chain = chain(images, &name)?;
+    let mut extents = Vec::new();
+    for (layer, (_, pm)) in chain.iter().enumerate().rev() {
+        extents = locate(&pm.entries, layer, &extents);
+    }
+    let mm = images.join(format!("mm-{pid}.img"));
+    let bytes = std::fs::read(&mm).map_err(|source| ImageError::Io {
+        op: "read",
+        path: mm.display().to_string(),
+        source,
+    })?;
+    let vmas = parse_vmas(&bytes).map_err(|reason| ImageError::Format {
+        path: mm.display().to_string(),
+        reason,
+    })?;
+    let lazy = chain
+        .first()
+        .map(|(_, pm)| lazy_ranges(&pm.entries, &vmas))
+        .unwrap_or_default();
+    Ok(ProcessPages {
+        pages_files: chain
+            .iter()
+            .map(|(dir, pm)| dir.join(format!("pages-{}.img", pm.pages_id)))
+            .collect(),
+        extents,
+        lazy,
+    })
+}
+
+/// Pagemap `name` in `dir`, then in `dir/parent`, ... while the parent has it (at most 32 deep).
+fn chain(dir: &Path, name: &str) -> Result<Vec<(std::path::PathBuf, Pagemap)>, ImageError> {
+    let mut out = vec![(dir.to_path_buf(), read_pagemap(&dir.join(name))?)];
+    let mut d = dir.join("parent");
+    while out.len() < 33 && d.join(name).exists() {
+        out.push((d.clone(), read_pagemap(&d.join(name))?));
+        d = d.join("parent");
+    }
+    Ok(out)
 }
 
 fn read_pagemap(path: &Path) -> Result<Pagemap, ImageError> {
@@ -165,16 +374,58 @@ fn read_pagemap(path: &Path) -> Result<Pagemap, ImageError> {
     })
 }
 
-/// The resolved lazy ranges of pagemap `name` in `dir`, through its `parent` links.
-fn resolved(dir: &Path, name: &str, depth: u8) -> Result<Vec<(u64, u64, bool)>, ImageError> {
-    let pm = read_pagemap(&dir.join(name))?;
-    let parent_dir = dir.join("parent");
-    let parent = if depth < 32 && parent_dir.join(name).exists() {
-        resolved(&parent_dir, name, depth + 1)?
-    } else {
-        Vec::new()
+/// The extents of pagemap `name` in `dir`, through its `parent` links (layer 0 = `dir`).
+fn resolved(dir: &Path, name: &str) -> Result<Vec<Extent>, ImageError> {
+    let mut extents = Vec::new();
+    for (layer, (_, pm)) in chain(dir, name)?.iter().enumerate().rev() {
+        extents = locate(&pm.entries, layer, &extents);
+    }
+    Ok(extents)
+}
+
+/// Rewrites the pagemaps of the dump in `images` so that pages left in parent images are lazy
+/// where the parents say so (kup's lazy-pages server reads them through the chain; CRIU's restore
+/// skips `PE_LAZY` pages whatever layer holds them). Each pagemap is replaced atomically and only
+/// gains flags its parents justify. Returns the number of pages newly marked lazy.
+pub fn mark_parent_pages_lazy(images: &Path) -> Result<u64, ImageError> {
+    let io = |op, p: &Path| {
+        let path = p.display().to_string();
+        move |source| ImageError::Io { op, path, source }
     };
-    Ok(resolve(&pm.entries, &parent))
+    let parent_dir = images.join("parent");
+    if !parent_dir.exists() {
+        return Ok(0);
+    }
+    let mut marked = 0;
+    for e in std::fs::read_dir(images)
+        .map_err(io("list", images))?
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("pagemap-") && name.ends_with(".img")) {
+            continue;
+        }
+        if !parent_dir.join(&name).exists() {
+            continue;
+        }
+        let mut pm = read_pagemap(&e.path())?;
+        let parent = resolved(&parent_dir, &name)?;
+        let before = lazy_pages(&pm.entries);
+        pm.entries = with_parent_laziness(&pm.entries, &parent);
+        marked += lazy_pages(&pm.entries).saturating_sub(before);
+        let tmp = images.join(format!("{name}.kup-tmp"));
+        std::fs::write(&tmp, render(&pm)).map_err(io("write", &tmp))?;
+        std::fs::rename(&tmp, e.path()).map_err(io("replace", &e.path()))?;
+    }
+    Ok(marked)
+}
+
+fn lazy_pages(entries: &[Entry]) -> u64 {
+    entries
+        .iter()
+        .filter(|e| e.flags & PE_LAZY != 0)
+        .map(|e| e.nr_pages)
+        .sum()
 }
 
 /// What a checked image directory holds.
@@ -193,7 +444,7 @@ pub struct ImageStats {
 pub fn check_pagemaps(
     pm: &Pagemap,
     pages_file_len: u64,
-    parent: Option<&[(u64, u64, bool)]>,
+    parent: Option<&[Extent]>,
 ) -> Result<(u64, u64), String> {
     let present: u64 = pm
         .entries
@@ -224,7 +475,7 @@ pub fn check_pagemaps(
         };
         let covered: u64 = parent
             .iter()
-            .map(|&(s, t, _)| t.min(e.end()).saturating_sub(s.max(e.vaddr)))
+            .map(|p| p.end.min(e.end()).saturating_sub(p.start.max(e.vaddr)))
             .sum();
         if covered != e.nr_pages * PAGE {
             return Err(format!(
@@ -267,7 +518,7 @@ pub fn check(images: &Path) -> Result<ImageStats, ImageError> {
         let len = std::fs::metadata(&pages).map(|m| m.len()).unwrap_or(0);
         let parent_dir = images.join("parent");
         let parent = if parent_dir.join(&name).exists() {
-            Some(resolved(&parent_dir, &name, 0)?)
+            Some(resolved(&parent_dir, &name)?)
         } else {
             None
         };
@@ -281,6 +532,34 @@ pub fn check(images: &Path) -> Result<ImageStats, ImageError> {
         return Err(bad("no pagemap-*.img".into()));
     }
     Ok(stats)
+}
+
+/// An mm image as CRIU writes it, with these VMAs (and a field [`parse_vmas`] skips): for tests.
+#[cfg(test)]
+pub(crate) fn render_mm(vmas: &[(u64, u64)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    {
+        let mut s = CodedOutputStream::vec(&mut body);
+        let _ = s.write_uint64(1, 0x40_0000);
+        for &(a, b) in vmas {
+            let mut vma = Vec::new();
+            {
+                let mut v = CodedOutputStream::vec(&mut vma);
+                let _ = v.write_uint64(1, a);
+                let _ = v.write_uint64(2, b);
+                let _ = v.write_uint32(5, 3);
+                let _ = v.flush();
+            }
+            let _ = s.write_bytes(14, &vma);
+        }
+        let _ = s.flush();
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
+    out.extend_from_slice(&MM_MAGIC.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
 }
 
 #[cfg(test)]
@@ -320,6 +599,19 @@ mod tests {
             });
         }
         out
+    }
+
+    #[test]
+    fn render_then_parse_is_identity() {
+        let pm = Pagemap {
+            pages_id: 7,
+            entries: vec![
+                e(0x55ee_8b72_6000, 2, PE_PRESENT | PE_LAZY),
+                e(0x7f1f_22f6_6000, 1 << 20, PE_PARENT | PE_LAZY),
+            ],
+        };
+        assert_eq!(parse(&render(&pm)).unwrap(), pm);
+        assert_eq!(render(&pm), image(7, &pm.entries));
     }
 
     #[test]
@@ -378,14 +670,30 @@ mod tests {
         );
     }
 
+    fn ext(start: u64, end: u64, lazy: bool, data: Option<(usize, u64)>) -> Extent {
+        Extent {
+            start,
+            end,
+            lazy,
+            data,
+        }
+    }
+
     #[test]
     fn parent_pages_must_be_in_the_parent_chain() {
-        let grandparent = resolve(&[e(0, 8, PE_PRESENT | PE_LAZY)], &[]);
-        let parent = resolve(
+        let grandparent = locate(&[e(0, 8, PE_PRESENT | PE_LAZY)], 1, &[]);
+        let parent = locate(
             &[e(0, 2, PE_PARENT), e(2 * PAGE, 2, PE_PRESENT)],
+            0,
             &grandparent,
         );
-        assert_eq!(parent, [(0, 2 * PAGE, true), (2 * PAGE, 4 * PAGE, false)]);
+        assert_eq!(
+            parent,
+            [
+                ext(0, 2 * PAGE, true, Some((1, 0))),
+                ext(2 * PAGE, 4 * PAGE, false, Some((0, 0)))
+            ]
+        );
         let pm = Pagemap {
             pages_id: 3,
             entries: vec![e(0, 4, PE_PARENT), e(4 * PAGE, 1, PE_PRESENT)],
@@ -402,6 +710,170 @@ mod tests {
                 .unwrap_err()
                 .contains("no parent")
         );
+    }
+
+    /// A three-layer chain: pre-1 (everything), pre-2 (pages 2..4 changed), final (page 5 changed).
+    fn three_layers() -> [Vec<Entry>; 3] {
+        let p = PAGE;
+        [
+            vec![
+                e(0, 5, PE_PARENT),
+                e(5 * p, 1, PE_PRESENT | PE_LAZY),
+                e(6 * p, 4, PE_PARENT),
+            ],
+            vec![
+                e(0, 2, PE_PARENT),
+                e(2 * p, 2, PE_PRESENT | PE_LAZY),
+                e(4 * p, 6, PE_PARENT),
+            ],
+            // Pages 8..10 are a stack: never lazy.
+            vec![e(0, 8, PE_PRESENT | PE_LAZY), e(8 * p, 2, PE_PRESENT)],
+        ]
+    }
+
+    #[test]
+    fn every_page_is_found_in_the_layer_that_holds_it() {
+        let p = PAGE;
+        let [fin, parent, grandparent] = three_layers();
+        let gp = locate(&grandparent, 2, &[]);
+        let pa = locate(&parent, 1, &gp);
+        let f = locate(&fin, 0, &pa);
+        assert_eq!(
+            f,
+            [
+                ext(0, 2 * p, true, Some((2, 0))),
+                ext(2 * p, 4 * p, true, Some((1, 0))),
+                ext(4 * p, 5 * p, true, Some((2, 4 * p))),
+                ext(5 * p, 6 * p, true, Some((0, 0))),
+                ext(6 * p, 8 * p, true, Some((2, 6 * p))),
+                ext(8 * p, 10 * p, false, Some((2, 8 * p))),
+            ]
+        );
+        // Offsets count only the pages a layer holds itself.
+        let two_present = locate(
+            &[
+                e(0, 1, PE_PRESENT),
+                e(p, 1, PE_PARENT),
+                e(2 * p, 3, PE_PRESENT),
+            ],
+            0,
+            &[ext(p, 2 * p, false, Some((1, 7 * p)))],
+        );
+        assert_eq!(two_present[1].data, Some((1, 7 * p)));
+        assert_eq!(two_present[2].data, Some((0, p)));
+    }
+
+    #[test]
+    fn parent_holes_take_the_parents_laziness_and_split_where_it_changes() {
+        let p = PAGE;
+        let [fin, parent, grandparent] = three_layers();
+        let pa = locate(&parent, 1, &locate(&grandparent, 2, &[]));
+        let out = with_parent_laziness(&fin, &pa);
+        assert_eq!(
+            out,
+            [
+                e(0, 5, PE_PARENT | PE_LAZY),
+                e(5 * p, 1, PE_PRESENT | PE_LAZY),
+                e(6 * p, 2, PE_PARENT | PE_LAZY),
+                e(8 * p, 2, PE_PARENT),
+            ]
+        );
+        assert!(out.windows(2).all(|w| w[0].end() == w[1].vaddr));
+        // Pages the parent lacks keep their entry as it was.
+        let gap = with_parent_laziness(&[e(0, 4, PE_PARENT)], &[ext(p, 2 * p, true, None)]);
+        assert_eq!(
+            gap,
+            [
+                e(0, 1, PE_PARENT),
+                e(p, 1, PE_PARENT | PE_LAZY),
+                e(2 * p, 2, PE_PARENT)
+            ]
+        );
+        // The rewritten pagemap is what CRIU reads back.
+        let pm = Pagemap {
+            pages_id: 9,
+            entries: out,
+        };
+        assert_eq!(parse(&render(&pm)).unwrap(), pm);
+    }
+
+    #[test]
+    fn lazy_ranges_stop_at_each_vma_end() {
+        let p = PAGE;
+        let entries = [
+            e(0, 4, PE_PRESENT | PE_LAZY),
+            e(4 * p, 2, PE_PRESENT),
+            e(8 * p, 4, PE_PARENT | PE_LAZY),
+        ];
+        let vmas = [(0, 2 * p), (2 * p, 6 * p), (8 * p, 16 * p)];
+        assert_eq!(
+            lazy_ranges(&entries, &vmas),
+            [(0, 2 * p), (2 * p, 4 * p), (8 * p, 12 * p)]
+        );
+    }
+
+    #[test]
+    fn vmas_are_read_from_the_mm_image() {
+        let vmas = [(0x1000, 0x5000), (0x7f00_0000_0000, 0x7f00_0010_0000)];
+        assert_eq!(parse_vmas(&render_mm(&vmas)).unwrap(), vmas);
+        assert!(parse_vmas(b"short").is_err());
+        let mut cut = render_mm(&vmas);
+        cut.truncate(cut.len() - 3);
+        assert!(parse_vmas(&cut).is_err());
+    }
+
+    #[test]
+    fn a_chain_on_disk_is_indexed_and_marked_lazy() {
+        let p = PAGE;
+        let [fin, parent, grandparent] = three_layers();
+        let root = tempfile::tempdir().unwrap();
+        let dirs = ["pre-1", "pre-2", "final"].map(|d| root.path().join(d));
+        for (i, (d, entries)) in dirs.iter().zip([grandparent, parent, fin]).enumerate() {
+            std::fs::create_dir(d).unwrap();
+            if i > 0 {
+                std::os::unix::fs::symlink(
+                    format!("../{}", ["pre-1", "pre-2"][i - 1]),
+                    d.join("parent"),
+                )
+                .unwrap();
+            }
+            let pm = Pagemap {
+                pages_id: 10 + i as u32,
+                entries,
+            };
+            let present: u64 = pm
+                .entries
+                .iter()
+                .filter(|x| x.flags & PE_PRESENT != 0)
+                .map(|x| x.nr_pages)
+                .sum();
+            std::fs::write(d.join("pagemap-42.img"), render(&pm)).unwrap();
+            std::fs::write(
+                d.join(format!("pages-{}.img", 10 + i)),
+                vec![i as u8; (present * p) as usize],
+            )
+            .unwrap();
+        }
+        let fin_dir = &dirs[2];
+        std::fs::write(fin_dir.join("mm-42.img"), render_mm(&[(0, 10 * p)])).unwrap();
+        std::fs::write(fin_dir.join("inventory.img"), b"x").unwrap();
+        std::fs::write(fin_dir.join("pstree.img"), b"x").unwrap();
+        assert_eq!(mark_parent_pages_lazy(fin_dir).unwrap(), 7);
+        let s = check(fin_dir).unwrap();
+        assert_eq!((s.present_bytes, s.parent_bytes), (p, 9 * p));
+        let idx = process_pages(fin_dir, 42).unwrap();
+        assert_eq!(
+            idx.pages_files,
+            [
+                fin_dir.join("pages-12.img"),
+                fin_dir.join("parent/pages-11.img"),
+                fin_dir.join("parent/parent/pages-10.img")
+            ]
+        );
+        assert_eq!(idx.lazy, [(0, 5 * p), (5 * p, 6 * p), (6 * p, 8 * p)]);
+        assert_eq!(idx.extents.len(), 6);
+        assert_eq!(idx.extents[1].data, Some((1, 0)));
+        assert!(process_pages(fin_dir, 7).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod fallback;
 pub mod initrd;
 pub mod install;
 pub mod kexec;
+pub mod lazy_pages;
 pub mod logging;
 pub mod manifest;
 pub mod nft;

@@ -230,8 +230,8 @@ fn restore_unit(unit: &str) -> Result<Restored, RestoreError> {
     crate::criu_image::check(&images)?;
     steps.check = t.elapsed().as_secs_f64();
     // Everything that does not need the network comes before the wait for it: the lazy-pages
-    // server starts (CRIU's kernel probe, cached in /run for the restore's own CRIU) while the
-    // boot is still configuring the addresses.
+    // server starts and CRIU probes the kernel (`warm_probe` above, cached in /run for the
+    // restore's own CRIU) while the boot is still configuring the addresses.
     let lazy = m.restore == RestoreMode::Lazy;
     if lazy {
         let t = Instant::now();
@@ -295,7 +295,7 @@ fn restore_unit(unit: &str) -> Result<Restored, RestoreError> {
     Ok(Restored { pid, steps })
 }
 
-/// Starts `kup-restore lazy UNIT` beside us and returns once its CRIU lazy-pages daemon listens.
+/// Starts `kup-restore lazy UNIT` beside us and returns once its lazy-pages server listens.
 fn start_lazy_pages(unit: &str) -> Result<(), RestoreError> {
     use std::io::BufRead as _;
     let me = std::env::current_exe().map_err(io("finding kup-restore"))?;
@@ -324,9 +324,11 @@ fn start_lazy_pages(unit: &str) -> Result<(), RestoreError> {
 /// What `kup-restore lazy` prints once its daemon listens.
 const LAZY_READY: &str = "listening";
 
-/// `kup-restore lazy UNIT`: runs CRIU's lazy-pages daemon for `unit`'s images until every page is
-/// in the restored processes, then releases the images. Started by `exec`, it lives in the unit's
-/// cgroup while it works; `kupctl status` and the journal say when a unit is complete.
+/// `kup-restore lazy UNIT`: kup's lazy-pages server ([`crate::lazy_pages`]) for `unit`'s images,
+/// pre-copy parents included, until every page is in the restored processes; then the images are
+/// released. Started by `exec`, it lives in the unit's cgroup while it works; `kupctl status` and
+/// the journal say when a unit is complete. Its notes go to `lazy-pages.log` in the images (kept in
+/// [`LOG_DIR`] with CRIU's logs).
 pub fn serve_lazy(unit: &str) -> Result<String, RestoreError> {
     let m = manifest::read(Path::new(HANDOFF_DIR))
         .or_else(|_| manifest::read(&Path::new(HANDOFF_DIR).with_file_name("handoff.done")))?;
@@ -334,30 +336,55 @@ pub fn serve_lazy(unit: &str) -> Result<String, RestoreError> {
         .unit(unit)
         .ok_or_else(|| RestoreError::NotInManifest(unit.to_owned()))?;
     let images = PathBuf::from(&u.images);
-    let mut daemon = criu::lazy_pages(&images, unit)?;
-    println!("{LAZY_READY}");
-    let t0 = Instant::now();
-    let status = daemon.wait().map_err(io("waiting for criu lazy-pages"))?;
+    let log_path = images.join("lazy-pages.log");
+    let mut log =
+        std::fs::File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
+    let served = crate::lazy_pages::serve(
+        &images,
+        || {
+            use std::io::Write as _;
+            println!("{LAZY_READY}");
+            let _ = std::io::stdout().flush();
+        },
+        &mut log,
+    );
     let marker = Path::new(RUN_DIR).join("lazy").join(unit);
     if let Some(d) = marker.parent() {
         let _ = std::fs::create_dir_all(d);
     }
-    if !status.success() {
-        let _ = std::fs::write(&marker, format!("failed: {status}\n"));
-        return Err(RestoreError::Lazy(format!(
-            "criu lazy-pages for {unit} ended with {status} after {:.1} s; its images stay in {} (log: lazy-pages.log there)",
-            t0.elapsed().as_secs_f64(),
-            images.display()
-        )));
-    }
+    let s = match served {
+        Ok(s) => s,
+        Err(e) => {
+            use std::io::Write as _;
+            let _ = writeln!(log, "failed: {e}");
+            let _ = std::fs::write(&marker, format!("failed: {e}\n"));
+            return Err(RestoreError::Lazy(format!(
+                "the lazy-pages server of {unit} failed: {e}; its images stay in {} (log: lazy-pages.log there)",
+                images.display()
+            )));
+        }
+    };
+    drop(log);
     let _ = std::fs::write(&marker, "complete\n");
     // The handoff may still be pending (finish not run yet): it releases the images itself then.
     if pending().is_none() {
         release_images(unit, &images);
     }
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
     Ok(format!(
-        "{unit}: every page is back ({:.1} s after the restore began)",
-        t0.elapsed().as_secs_f64()
+        "{unit}: every page is back ({:.1} s after the restore began; the restore finished at {:.1} s, then {:.1} s of background fill): {:.0} MiB lazy in {} process(es), {:.1} MiB on {} faults, {:.0} MiB in the background, {:.0} MiB dropped by the processes, {} zero pages",
+        s.took.as_secs_f64(),
+        s.restore_took.unwrap_or_default().as_secs_f64(),
+        s.took
+            .saturating_sub(s.restore_took.unwrap_or_default())
+            .as_secs_f64(),
+        mib(s.lazy_bytes),
+        s.processes,
+        mib(s.fault_bytes),
+        s.faults,
+        mib(s.background_bytes),
+        mib(s.dropped_bytes),
+        s.zero_pages
     ))
 }
 

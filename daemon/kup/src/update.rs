@@ -28,10 +28,6 @@ pub enum UpdateError {
     #[error("no units are marked: add [[unit]] name = \"NAME.service\" to /etc/kup/kup.toml")]
     NothingMarked,
     #[error(
-        "precopy_rounds = {0} and restore = \"lazy\" cannot be combined: CRIU's lazy-pages cannot serve pages left in pre-copy images (the restored service would stall); fix: set precopy_rounds = 0 or restore = \"eager\" in /etc/kup/kup.toml"
-    )]
-    LazyWithPrecopy(u8),
-    #[error(
         "the checkpoint of {unit} is not whole ({source}); check the disk under the image directory (kup.toml image_dir) and try again"
     )]
     Images {
@@ -121,11 +117,6 @@ pub struct Plan {
 pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
     if settings.units.is_empty() {
         return Err(UpdateError::NothingMarked);
-    }
-    if settings.update.restore == crate::config::RestoreMode::Lazy
-        && settings.update.precopy_rounds > 0
-    {
-        return Err(UpdateError::LazyWithPrecopy(settings.update.precopy_rounds));
     }
     let id = manifest::new_handoff_id();
     let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(io("reading /proc/cmdline"))?;
@@ -423,6 +414,9 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         let recorded =
             dump_unit(&unit.name, &images, parents[i].as_deref()).and_then(|(mut img, began)| {
                 frozen.get_or_insert(began);
+                if plan.restore == crate::config::RestoreMode::Lazy && parents[i].is_some() {
+                    mark_precopied_lazy(&unit.name, &images);
+                }
                 img.health.clone_from(&unit.health);
                 m.units.push(img);
                 manifest::write_atomic(handoff, &m)?;
@@ -559,6 +553,27 @@ pub(crate) fn dir_bytes(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// A lazy restore after pre-copy: the pages the final dump left in the pre-copy images get
+/// `PE_LAZY` too, so the restore leaves them to kup's lazy-pages server instead of reading them
+/// all before the unit resumes.
+fn mark_precopied_lazy(unit: &str, images: &Path) {
+    match crate::criu_image::mark_parent_pages_lazy(images) {
+        Ok(n) => tracing::info!(
+            unit,
+            kup_phase = "dump",
+            "kup: {} MiB of pre-copied pages of {unit} will be restored lazily",
+            (n * 4096) >> 20
+        ),
+        // Each pagemap is replaced atomically and only gains flags its parents justify: a failure
+        // leaves images that restore correctly, with those pages read eagerly.
+        Err(e) => tracing::warn!(
+            unit,
+            kup_phase = "dump",
+            "kup: the pre-copied pages of {unit} will be restored eagerly: {e}"
+        ),
+    }
 }
 
 /// Checkpoints one unit: its process tree stops and is written to `images` (only what changed

@@ -55,16 +55,6 @@ fn failures_before_the_switch_leave_services_running_with_their_data() {
             undo: "",
         },
         Case {
-            name: "lazy restore combined with pre-copy",
-            setup: "printf '[update]\\nprecopy_rounds = 2\\nrestore = \"lazy\"\\n' > /etc/kup/kup.d/90-lazy.toml",
-            cmd: &format!("kupctl update --kernel {NEW}"),
-            expect: &[
-                "precopy_rounds = 2 and restore = \"lazy\" cannot be combined",
-                "fix: set precopy_rounds = 0",
-            ],
-            undo: "rm -f /etc/kup/kup.d/90-lazy.toml",
-        },
-        Case {
             name: "kernel not installed",
             setup: "",
             cmd: "kupctl update --kernel 9.9.9-nonexistent",
