@@ -34,14 +34,14 @@ pub enum Scenario {
     Switch,
     /// kup with a full CRIU dump to disk and a full restore: no pre-copy, no lazy restore.
     Naive,
-    /// kup with lazy restore and kept TCP connections, no pre-copy (pre-copy + lazy restore
-    /// together: the update lab test).
+    /// kup with everything on (D_kup): pre-copy (3 rounds) while serving, a short final dump, a
+    /// lazy restore (kup's lazy-pages server reads the pages from the whole image chain), kept
+    /// TCP connections.
     Kup,
+    /// kup with a lazy restore and no pre-copy: the final dump copies everything under freeze.
+    Lazy,
     /// kup with pre-copy (3 rounds) and an eager restore.
     PreCopy,
-    /// kup with pre-copy (3 rounds) and a lazy restore (kup's lazy-pages server reads the pages
-    /// from the whole image chain): a short freeze and an early resume.
-    LazyPreCopy,
 }
 
 impl Scenario {
@@ -49,17 +49,17 @@ impl Scenario {
         Scenario::Switch,
         Scenario::Naive,
         Scenario::Kup,
+        Scenario::Lazy,
         Scenario::PreCopy,
-        Scenario::LazyPreCopy,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Switch => "switch (cold restart, data lost)",
             Scenario::Naive => "naive (full dump + full restore)",
-            Scenario::Kup => "kup (lazy restore)",
+            Scenario::Kup => "kup (pre-copy + lazy restore)",
+            Scenario::Lazy => "kup (lazy restore, no pre-copy)",
             Scenario::PreCopy => "kup (pre-copy + eager restore)",
-            Scenario::LazyPreCopy => "kup (pre-copy + lazy restore)",
         }
     }
 
@@ -68,7 +68,7 @@ impl Scenario {
             Scenario::Switch => Kind::Switch,
             Scenario::Naive => Kind::Naive,
             Scenario::Kup => Kind::Kup,
-            Scenario::PreCopy | Scenario::LazyPreCopy => Kind::Other,
+            Scenario::Lazy | Scenario::PreCopy => Kind::Other,
         }
     }
 
@@ -80,13 +80,13 @@ impl Scenario {
                 "[update]\nprecopy_rounds = 0\nrestore = \"eager\"\n\n[[unit]]\nname = \"memcached.service\"\n"
             }
             Scenario::Kup => {
+                "[update]\nprecopy_rounds = 3\nrestore = \"lazy\"\n\n[[unit]]\nname = \"memcached.service\"\n"
+            }
+            Scenario::Lazy => {
                 "[update]\nprecopy_rounds = 0\nrestore = \"lazy\"\n\n[[unit]]\nname = \"memcached.service\"\n"
             }
             Scenario::PreCopy => {
                 "[update]\nprecopy_rounds = 3\nrestore = \"eager\"\n\n[[unit]]\nname = \"memcached.service\"\n"
-            }
-            Scenario::LazyPreCopy => {
-                "[update]\nprecopy_rounds = 3\nrestore = \"lazy\"\n\n[[unit]]\nname = \"memcached.service\"\n"
             }
         }
     }
@@ -242,7 +242,7 @@ impl LabBench {
                 "kexec -s -l /boot/vmlinuz-{v} --initrd=/boot/initrd.img-{v} --reuse-cmdline && systemctl kexec --no-block",
                 v = self.new
             ),
-            Scenario::Naive | Scenario::Kup | Scenario::PreCopy | Scenario::LazyPreCopy => {
+            Scenario::Naive | Scenario::Kup | Scenario::Lazy | Scenario::PreCopy => {
                 format!("kupctl update --kernel {}", self.new)
             }
         };
@@ -350,6 +350,8 @@ mod tests {
         assert!(Scenario::Naive.config().contains("restore = \"eager\""));
         assert!(Scenario::Naive.config().contains("precopy_rounds = 0"));
         assert!(Scenario::Kup.config().contains("restore = \"lazy\""));
+        assert!(Scenario::Kup.config().contains("precopy_rounds = 3"));
+        assert!(Scenario::Lazy.config().contains("precopy_rounds = 0"));
         assert_eq!(Scenario::Kup.kind(), Kind::Kup);
     }
 }

@@ -228,11 +228,11 @@ fn main() -> anyhow::Result<()> {
                     "switch" => Ok(Scenario::Switch),
                     "naive" => Ok(Scenario::Naive),
                     "kup" => Ok(Scenario::Kup),
+                    "lazy" => Ok(Scenario::Lazy),
                     "precopy" => Ok(Scenario::PreCopy),
-                    "lazy-precopy" => Ok(Scenario::LazyPreCopy),
-                    other => bail!(
-                        "unknown scenario {other:?}; use switch, naive, kup, precopy or lazy-precopy"
-                    ),
+                    other => {
+                        bail!("unknown scenario {other:?}; use switch, naive, kup, lazy or precopy")
+                    }
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let runs = out.join("runs");
