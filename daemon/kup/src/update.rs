@@ -388,6 +388,13 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
     // lists: the early boot needs the id and the PID floor before the first unit is dumped.
     write_boot_files(&m)?;
     let n = plan.units.len() as u32;
+    // What does not need the services frozen happens while they still serve: the target kernel is
+    // loaded now, not between the last pre-copy round and the final dumps (whatever the units
+    // write in between, the final dumps copy while frozen).
+    if let Err(e) = kexec::load(&plan.target) {
+        rollback(&m);
+        return Err(UpdateError::Switch(e));
+    }
     // Pre-copy: every unit's memory goes to disk while all of them keep serving; the final dumps
     // below then write only what changed since.
     let mut parents = Vec::new();
@@ -396,15 +403,6 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
             progress("pre-copy", 5 + 30 * i as u32 / n);
         }
         parents.push(precopy(&unit.name, &plan.image_dir, plan.precopy_rounds));
-    }
-    // Whatever does not need the services frozen happens while they still serve: the target kernel
-    // is loaded now, and what pre-copy wrote goes to disk now, not in the switch's own sync.
-    if let Err(e) = kexec::load(&plan.target) {
-        rollback(&m);
-        return Err(UpdateError::Switch(e));
-    }
-    if plan.precopy_rounds > 0 {
-        nix::unistd::sync();
     }
     // When the first final dump froze its unit: the downtime begins there.
     let mut frozen = None;
@@ -508,6 +506,12 @@ fn precopy(unit: &str, image_dir: &Path, rounds: u8) -> Option<String> {
             break;
         }
         let parent = last.as_ref().map(|(p, _)| format!("../{p}"));
+        // The rounds before this one go to disk while the unit serves: only the last round and the
+        // final dump are left for the sync under freeze. (Not after the last round: whatever the
+        // unit writes between that round and its freeze, the final dump copies frozen.)
+        if last.is_some() {
+            nix::unistd::sync();
+        }
         let t = std::time::Instant::now();
         let tables = crate::nft::criu_tables();
         if let Err(e) = criu::pre_dump(pid, &dir, parent.as_deref(), unit) {
