@@ -1131,6 +1131,18 @@ mod live {
     use std::io::IoSlice;
     use std::os::fd::FromRawFd as _;
 
+    /// Passes `fd` the way criu restore does: one dummy byte carrying it (SCM_RIGHTS).
+    fn send_fd(conn: &UnixStream, fd: RawFd) {
+        sendmsg::<()>(
+            conn.as_raw_fd(),
+            &[IoSlice::new(&[0])],
+            &[ControlMessage::ScmRights(&[fd])],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+    }
+
     /// A pid no process has (above the largest pid_max): the kill of a failing server hits nothing.
     const PID: i32 = 0x3fff_fff0;
     const PAGES: u64 = 64;
@@ -1289,15 +1301,7 @@ mod live {
         // What criu restore sends: a zombie, then the pid and its userfaultfd (one dummy byte).
         conn.write_all(&(-5i32).to_ne_bytes()).unwrap();
         conn.write_all(&PID.to_ne_bytes()).unwrap();
-        let fds = [uffd.as_raw_fd()];
-        sendmsg::<()>(
-            conn.as_raw_fd(),
-            &[IoSlice::new(&[0])],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::empty(),
-            None,
-        )
-        .unwrap();
+        send_fd(&conn, uffd.as_raw_fd());
         // The server holds the only descriptor now: once it is done, the range is unregistered.
         drop(uffd);
         // Faults before the restore finished: a parent page, a final-dump page, a page in no image.
@@ -1419,15 +1423,7 @@ mod live {
         let (server, conn) = start(root.path());
         (&conn).write_all(&7i32.to_ne_bytes()).unwrap();
         let (a, _b) = UnixStream::pair().unwrap();
-        let fds = [a.as_raw_fd()];
-        sendmsg::<()>(
-            conn.as_raw_fd(),
-            &[IoSlice::new(&[0])],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::empty(),
-            None,
-        )
-        .unwrap();
+        send_fd(&conn, a.as_raw_fd());
         let (r, _) = server.join().unwrap();
         let err = r.unwrap_err().to_string();
         assert!(err.contains("pagemap-7.img"), "{err}");
