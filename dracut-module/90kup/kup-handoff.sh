@@ -29,11 +29,19 @@ refuse() {
     echo "$1" > /run/kup/refused
     warn "kup: handoff $id cannot be restored: $1"
 }
+# luo backend: the images are in RAM, handed over by the kernel (LUO); only a kexec keeps them.
+luo=
+grep -q '"backend": *"luo"' "$manifest" 2>/dev/null && luo=1
 if [ ! -r "$manifest" ]; then
     refuse "no manifest at /var/lib/kup/handoff/manifest.json nor its copy manifest.copy.json"
 elif [ "$ondisk" != "$id" ]; then
     refuse "the manifest on disk belongs to handoff $ondisk, not $id"
+elif [ -n "$luo" ] && [ -e /run/kup/resumed ]; then
+    refuse "its images were kept in RAM (backend \"luo\") and a boot through the firmware does not keep RAM: the units start afresh (set backend = \"disk\" where a crash must not lose them)"
 else
+    if [ -n "$luo" ] && [ ! -c /dev/liveupdate ]; then
+        warn "kup: handoff $id kept its images in RAM, but this kernel has no /dev/liveupdate (no LUO, or booted without kho=on liveupdate=on): kup-luo.service cannot take them back and the restore fails"
+    fi
     # The restored processes need their old PIDs. Start every later process above the highest of them,
     # so nothing that boots from here on can take one (processes alive now are few and low).
     floor=$(cat "$handoff/pid-floor" 2>/dev/null)
@@ -41,5 +49,5 @@ else
         echo "$floor" > /proc/sys/kernel/ns_last_pid
     fi
     echo "$id" > /run/kup/pending
-    info "kup: handoff $id pending; PIDs from ${floor:-?} down kept free"
+    info "kup: handoff $id pending${luo:+ (images in RAM, LUO)}; PIDs from ${floor:-?} down kept free"
 fi

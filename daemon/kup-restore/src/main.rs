@@ -21,7 +21,7 @@ fn main() -> Result<()> {
     }
     let to_journal = matches!(
         args.get(1).map(String::as_str),
-        Some("exec" | "finish" | "lazy" | "watchdog")
+        Some("exec" | "finish" | "lazy" | "watchdog" | "luo-hold" | "luo-claim")
     ) && kup::logging::init("kup-restore") == kup::logging::LogTarget::Journal;
     // Fault tests: failpoints named on this kernel's command line (`kup.failpoints=`).
     #[cfg(feature = "failpoints")]
@@ -69,6 +69,17 @@ fn main() -> Result<()> {
                 println!("kup: {msg}");
             }
         }
+        Some("luo-hold") => {
+            let dir = args.get(2).context("usage: kup-restore luo-hold DIR")?;
+            let argv0 = args.first().map(String::as_str).unwrap_or_default();
+            kup::luo_store::run_holder(Path::new(dir), argv0)
+                .with_context(|| format!("keeping {dir} in RAM across the kexec (LUO)"))?;
+        }
+        Some("luo-claim") => {
+            let msg =
+                kup::luo_store::claim().context("taking the checkpoints kept in RAM (LUO) back")?;
+            println!("kup: {msg}");
+        }
         Some("generator") => {
             let early = args
                 .get(3)
@@ -76,7 +87,7 @@ fn main() -> Result<()> {
             kup::restore::generate(Path::new(early))?;
         }
         _ => bail!(
-            "usage: kup-restore exec UNIT | holder | lazy UNIT | netlock | watchdog | finish | generator NORMAL EARLY LATE"
+            "usage: kup-restore exec UNIT | holder | lazy UNIT | netlock | watchdog | finish | luo-hold DIR | luo-claim | generator NORMAL EARLY LATE"
         ),
     }
     Ok(())

@@ -9,7 +9,7 @@
 //! ```toml
 //! [update]
 //! kernel = "6.12.117+deb13-cloud-amd64"   # optional staged target; "" or absent = newest installed
-//! backend = "disk"                        # only "disk" for now
+//! backend = "disk"                        # or "luo": images kept in RAM across the kexec
 //! image_dir = "/var/lib/kup/images"
 //! extra_cmdline = ""                      # appended to the new kernel's command line
 //! precopy_rounds = 0                      # 0..=16
@@ -153,6 +153,10 @@ pub enum Backend {
     /// Images on disk under `image_dir`; works on every kernel and survives a firmware reboot.
     #[default]
     Disk,
+    /// Images in RAM across the kexec (the Live Update Orchestrator, `crate::luo`): nothing is
+    /// written to disk; needs LUO on both kernels (kernel-patches/), else the update uses the disk.
+    /// A power loss or a firmware reboot after the final dump loses what only RAM held.
+    Luo,
 }
 
 impl Backend {
@@ -160,6 +164,7 @@ impl Backend {
     pub fn as_str(self) -> &'static str {
         match self {
             Backend::Disk => "disk",
+            Backend::Luo => "luo",
         }
     }
 }
@@ -176,11 +181,9 @@ impl std::str::FromStr for Backend {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "disk" => Ok(Backend::Disk),
-            "luo" => {
-                Err("backend \"luo\" is not supported yet; use backend = \"disk\"".to_string())
-            }
+            "luo" => Ok(Backend::Luo),
             other => Err(format!(
-                "unknown backend {other:?}; the only supported value is \"disk\""
+                "unknown backend {other:?}; use \"disk\" (images on disk) or \"luo\" (images kept in RAM across the kexec)"
             )),
         }
     }
@@ -770,15 +773,13 @@ name = "redis-server.service"
 
     #[test]
     fn bad_backend() {
-        let err = parse_fragment(p("b.toml"), "[update]\nbackend = \"luo\"\n").unwrap_err();
+        let s = Settings::from_texts([(p("b.toml"), "[update]\nbackend = \"luo\"\n")]).unwrap();
+        assert_eq!(s.update.backend, Backend::Luo);
+        let err = parse_fragment(p("b.toml"), "[update]\nbackend = \"tape\"\n").unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("b.toml:2:"), "{msg}");
-        assert!(msg.contains("not supported yet"), "{msg}");
-        let err = parse_fragment(p("b.toml"), "[update]\nbackend = \"tape\"\n").unwrap_err();
-        assert!(
-            err.to_string().contains("unknown backend \"tape\""),
-            "{err}"
-        );
+        assert!(msg.contains("unknown backend \"tape\""), "{msg}");
+        assert!(msg.contains("\"luo\""), "{msg}");
     }
 
     #[test]

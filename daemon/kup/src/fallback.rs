@@ -229,6 +229,16 @@ pub fn fall_back(m: &Manifest, failures: &[UnitFailure]) -> Result<String, Fallb
             wait_lazy_complete(&u.unit)?;
         }
     }
+    // The way back goes through the disk: the old kernel may have no LUO, and a firmware boot (a
+    // fallback that panics) must still find the images.
+    let (backend, image_dir) = if m.backend == crate::config::Backend::Luo.as_str() {
+        let dir = crate::config::Settings::load()
+            .map(|s| s.update.image_dir)
+            .unwrap_or_else(|_| PathBuf::from(crate::config::DEFAULT_IMAGE_DIR));
+        (crate::config::Backend::Disk.as_str().to_owned(), dir)
+    } else {
+        (m.backend.clone(), PathBuf::from(&m.image_dir))
+    };
     let mut next = Manifest {
         version: manifest::MANIFEST_VERSION,
         id: id.clone(),
@@ -239,8 +249,8 @@ pub fn fall_back(m: &Manifest, failures: &[UnitFailure]) -> Result<String, Fallb
             .unwrap_or_default()
             .trim()
             .to_owned(),
-        backend: m.backend.clone(),
-        image_dir: m.image_dir.clone(),
+        backend: backend.clone(),
+        image_dir: image_dir.display().to_string(),
         restore: m.restore,
         checks: m.checks,
         fallback: Some(FallbackOf {
@@ -257,16 +267,28 @@ pub fn fall_back(m: &Manifest, failures: &[UnitFailure]) -> Result<String, Fallb
         .iter()
         .filter(|u| !running.iter().any(|r| r.unit == u.unit))
     {
+        let mut u = u.clone();
+        if backend != m.backend {
+            // Kept in RAM (LUO) so far: onto the disk for the way back.
+            let to = image_dir.join(&u.unit);
+            copy_tree(Path::new(&u.images), &to).map_err(|source| {
+                FallbackError::Update(UpdateError::Io(crate::IoError {
+                    what: format!("copying {}'s images from RAM to {}", u.unit, to.display()),
+                    source,
+                }))
+            })?;
+            u.images = to.display().to_string();
+        }
         update::check_images(&u.unit, Path::new(&u.images))?;
         next.units.push(UnitImage {
             state: UnitState::Dumped,
-            ..u.clone()
+            ..u
         });
     }
     manifest::write_atomic(handoff, &next)?;
     for u in &running {
         // Beside the images they were restored from, which a lazy server may still be releasing.
-        let images = PathBuf::from(&m.image_dir).join(format!("{}.fallback", u.unit));
+        let images = image_dir.join(format!("{}.fallback", u.unit));
         let mut img = match update::dump_unit(&u.unit, &images, None).map(|(img, _)| img) {
             Ok(img) => img,
             Err(e) => {
@@ -291,6 +313,28 @@ pub fn fall_back(m: &Manifest, failures: &[UnitFailure]) -> Result<String, Fallb
         m.from_kernel,
         next.units.len()
     ))
+}
+
+/// Copies an image tree, following the luo backend's links to the files it holds open (a
+/// pre-copy round's `parent` link stays a link).
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        let link = std::fs::read_link(&src).ok();
+        match link {
+            Some(target) if !target.starts_with("/proc/") => {
+                std::os::unix::fs::symlink(target, &dst)?;
+            }
+            _ if std::fs::metadata(&src)?.is_dir() => copy_tree(&src, &dst)?,
+            _ => {
+                std::fs::copy(&src, &dst)?;
+            }
+        }
+    }
+    std::fs::File::open(to)?.sync_all()
 }
 
 /// Aborted fallback: the units checkpointed on this kernel run here again; the ones that never

@@ -14,6 +14,8 @@ pub mod install;
 pub mod kexec;
 pub mod lazy_pages;
 pub mod logging;
+pub mod luo;
+pub mod luo_store;
 pub mod manifest;
 pub mod nft;
 pub mod restore;

@@ -93,6 +93,9 @@ fn has_images(u: &manifest::UnitImage) -> bool {
     u.state != UnitState::Pending
 }
 
+/// The unit that takes the luo backend's images back from RAM (`kup-restore luo-claim`).
+pub const LUO_SERVICE: &str = "kup-luo.service";
+
 /// Whether this boot resumes an unfinished handoff it was not made for (`/run/kup/resumed`, written
 /// by the early boot).
 pub fn resumed() -> bool {
@@ -116,9 +119,19 @@ pub fn generate(early_dir: &Path) -> Result<usize, RestoreError> {
         Ok(())
     };
     let mut n = 0;
+    // luo backend: the images come back from RAM first (kup-luo.service, `luo_store::claim`).
+    let luo = m.backend == crate::config::Backend::Luo.as_str();
     for u in m.units.iter().filter(|u| has_images(u)) {
         let path = early_dir.join(format!("{}.d/{RESTORE_DROPIN}.conf", u.unit));
-        systemd::write_dropin(&path, &systemd::restore_dropin(&u.unit, KUP_RESTORE))?;
+        let mut dropin = systemd::restore_dropin(&u.unit, KUP_RESTORE);
+        if luo {
+            dropin = dropin.replacen(
+                "[Unit]\n",
+                &format!("[Unit]\nRequires={LUO_SERVICE}\nAfter={LUO_SERVICE}\n"),
+                1,
+            );
+        }
+        systemd::write_dropin(&path, &dropin)?;
         link(
             "kup-restore.target.wants",
             &u.unit,
@@ -131,11 +144,15 @@ pub fn generate(early_dir: &Path) -> Result<usize, RestoreError> {
         "kup-restore.target",
         "/usr/lib/systemd/system/kup-restore.target",
     )?;
+    let luo_unit = luo.then_some(LUO_SERVICE);
     for unit in [
         "kup-restore-finish.service",
         "kup-netlock.service",
         WATCHDOG_SERVICE,
-    ] {
+    ]
+    .into_iter()
+    .chain(luo_unit)
+    {
         link(
             "kup-restore.target.wants",
             unit,

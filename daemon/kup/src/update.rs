@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::config::Settings;
+use crate::config::{Backend, Settings};
 use crate::manifest::{self, Manifest, UnitImage, UnitState};
 use crate::{criu, kexec, restore, stage, systemd};
 
@@ -17,6 +17,11 @@ pub const HANDOFF_DIR: &str = "/var/lib/kup/handoff";
 pub const RUN_DIR: &str = "/run/kup";
 /// `panic=` given to the new kernel unless its command line sets one: seconds before a panic reboots.
 pub const PANIC_REBOOT_SECS: u32 = 10;
+/// The luo backend's image directory: a tmpfs of kup's own (its files are preserved by LUO across
+/// the kexec; on the new kernel the same paths lead to them again, `crate::luo::retrieve_tree`).
+pub const LUO_DIR: &str = "/run/kup/luo";
+/// The luo backend's index of the preserved tree (`crate::luo::Index`), beside the manifest.
+pub const LUO_INDEX: &str = "luo.json";
 /// The drop-in name that keeps a unit from restarting while it is checkpointed.
 pub const NO_RESTART: &str = "50-kup-no-restart";
 
@@ -44,6 +49,14 @@ pub enum UpdateError {
         "the target kernel's initrd {initrd} lacks kup's dracut module, so the new kernel could not restore; fix: dracut -f --kver {version} (with kup installed)"
     )]
     InitrdWithoutModule { initrd: String, version: String },
+    #[error(
+        "the luo backend keeps the checkpoints in RAM beside the running units: they need about {need_mib} MiB, the machine has {available_mib} MiB available; nothing was touched: free memory, or set backend = \"disk\" in /etc/kup/kup.toml"
+    )]
+    NoMemory { need_mib: u64, available_mib: u64 },
+    #[error(
+        "keeping the checkpoints in RAM across the switch failed: {0}; every unit was restored in place"
+    )]
+    Luo(String),
     #[error(
         "the image directory {dir} has {free_mib} MiB free, but the marked units' memory needs about {need_mib} MiB there; nothing was touched: free space there or point image_dir in /etc/kup/kup.toml at a larger filesystem"
     )]
@@ -104,6 +117,10 @@ pub struct Plan {
     /// The marked units, with their health commands.
     pub units: Vec<crate::config::UnitSettings>,
     pub image_dir: PathBuf,
+    /// Where the images live across the switch (the configured backend, or disk where LUO is
+    /// missing: `backend_note` says why).
+    pub backend: Backend,
+    pub backend_note: Option<String>,
     /// Pre-copy rounds before the final dump (0 = none).
     pub precopy_rounds: u8,
     /// How the next kernel brings the memory back.
@@ -142,13 +159,17 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
     {
         extra.push_str(&format!(" {}", crate::watchdog::KEEP_RUNNING_ARG));
     }
-    let target = stage::resolve_target(
+    let mut target = stage::resolve_target(
         Path::new(stage::BOOT_DIR),
         wanted.as_deref(),
         cmdline.trim(),
         &id,
         extra.trim(),
     )?;
+    let (backend, backend_note) = choose_backend(settings.update.backend, &mut target);
+    if let Some(note) = &backend_note {
+        tracing::warn!(kup_phase = "preflight", "kup: {note}");
+    }
     for u in &settings.units {
         preflight_unit(&u.name)?;
     }
@@ -159,12 +180,18 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
         });
     }
     preflight_fallback(&running_kernel())?;
-    preflight_space(settings)?;
+    let image_dir = match backend {
+        Backend::Disk => settings.update.image_dir.clone(),
+        Backend::Luo => PathBuf::from(LUO_DIR),
+    };
+    preflight_space(settings, backend)?;
     Ok(Plan {
         id,
         target,
         units: settings.units.clone(),
-        image_dir: settings.update.image_dir.clone(),
+        image_dir,
+        backend,
+        backend_note,
         precopy_rounds: settings.update.precopy_rounds,
         restore: settings.update.restore,
         checks: manifest::Checks {
@@ -176,9 +203,43 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
     })
 }
 
+/// The backend this update uses: luo where it was asked for and both kernels have LUO, else disk
+/// with the reason. A target kernel that has LUO gets `kho=on liveupdate=on` (so the update after
+/// this one can keep memory, even when this one goes through the disk).
+fn choose_backend(wanted: Backend, target: &mut stage::Target) -> (Backend, Option<String>) {
+    if wanted == Backend::Disk {
+        return (Backend::Disk, None);
+    }
+    let boot = Path::new(stage::BOOT_DIR);
+    let target_ok = crate::luo::kernel_supports(boot, &target.version);
+    if target_ok.is_ok() {
+        for arg in crate::luo::CMDLINE_ARGS {
+            let key = arg.split('=').next().unwrap_or(arg);
+            if !target
+                .cmdline
+                .split_whitespace()
+                .any(|w| w.split('=').next() == Some(key))
+            {
+                target.cmdline.push(' ');
+                target.cmdline.push_str(arg);
+            }
+        }
+    }
+    match target_ok.and_then(|()| crate::luo::running_supports()) {
+        Ok(()) => (Backend::Luo, None),
+        Err(e) => (
+            Backend::Disk,
+            Some(format!(
+                "backend \"luo\" cannot be used for this update, the images go to disk: {e}"
+            )),
+        ),
+    }
+}
+
 /// The checkpoints must fit: the marked units' memory (anonymous and shared pages of every
-/// process, plus a tenth and 64 MiB for CRIU's metadata) against the free space of `image_dir`.
-fn preflight_space(settings: &Settings) -> Result<(), UpdateError> {
+/// process, plus a tenth and 64 MiB for CRIU's metadata) against the free space of `image_dir`
+/// (disk), or the memory available beside the running units (luo).
+fn preflight_space(settings: &Settings, backend: Backend) -> Result<(), UpdateError> {
     let mut need_kib = 0;
     for u in &settings.units {
         let Some(pid) = systemd::main_pid(&u.name)? else {
@@ -191,6 +252,18 @@ fn preflight_space(settings: &Settings) -> Result<(), UpdateError> {
         }
     }
     let need_mib = (need_kib + need_kib / 10) / 1024 + 64;
+    if backend == Backend::Luo {
+        let meminfo =
+            std::fs::read_to_string("/proc/meminfo").map_err(io("reading /proc/meminfo"))?;
+        let available_mib = meminfo_kib(&meminfo, "MemAvailable") / 1024;
+        if need_mib > available_mib {
+            return Err(UpdateError::NoMemory {
+                need_mib,
+                available_mib,
+            });
+        }
+        return Ok(());
+    }
     // The directory may not exist yet: its nearest existing ancestor holds it then.
     let dir = &settings.update.image_dir;
     let existing = dir
@@ -208,6 +281,15 @@ fn preflight_space(settings: &Settings) -> Result<(), UpdateError> {
         });
     }
     Ok(())
+}
+
+/// A `/proc/meminfo` field in KiB (0 when absent).
+pub fn meminfo_kib(meminfo: &str, field: &str) -> u64 {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The memory a checkpoint of task `tid` holds, from its `/proc/TID/status`: RssAnon + RssShmem,
@@ -376,7 +458,7 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
             .unwrap_or_default()
             .trim()
             .to_owned(),
-        backend: "disk".into(),
+        backend: plan.backend.as_str().into(),
         image_dir: plan.image_dir.display().to_string(),
         restore: plan.restore,
         checks: plan.checks,
@@ -388,6 +470,12 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
     // lists: the early boot needs the id and the PID floor before the first unit is dumped.
     write_boot_files(&m)?;
     let n = plan.units.len() as u32;
+    if plan.backend == Backend::Luo {
+        if let Err(e) = crate::luo_store::mount_tmpfs(&plan.image_dir) {
+            let _ = std::fs::remove_dir_all(HANDOFF_DIR);
+            return Err(UpdateError::Luo(e.to_string()));
+        }
+    }
     // What does not need the services frozen happens while they still serve: the target kernel is
     // loaded now, not between the last pre-copy round and the final dumps (whatever the units
     // write in between, the final dumps copy while frozen).
@@ -438,10 +526,27 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         );
         nix::unistd::sync();
     }
+    // luo: the image tree goes into a LUO session held by a process that outlives the shutdown.
+    let held = match plan.backend {
+        Backend::Luo => match crate::luo_store::hold(&plan.image_dir, &m.id, handoff) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                kexec::unload();
+                rollback(&m);
+                return Err(UpdateError::Luo(e.to_string()));
+            }
+        },
+        Backend::Disk => None,
+    };
     // Fault tests: hold the update here, every unit dumped, the switch not begun (a power cut now).
     fail::fail_point!("switch");
     if let Err(e) = kexec::switch(plan.checks.kexec_watchdog, &m.from_kernel) {
         kexec::unload();
+        if let Some(h) = held {
+            if let Err(e) = h.give_back() {
+                tracing::error!("kup: {e}");
+            }
+        }
         rollback(&m);
         return Err(UpdateError::Switch(e));
     }

@@ -1,0 +1,295 @@
+//! The luo backend's processes: on the old kernel the holder (`kup-restore luo-hold`) that keeps
+//! the image tree in a LUO session through the shutdown into the kexec, and on the new kernel the
+//! claim (`kup-restore luo-claim`, `kup-luo.service`) that takes it back, lays it out where the
+//! manifest says the images are, and lets each unit's memory go once its images are released.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::luo::{self, Index, LuoError};
+use crate::manifest;
+use crate::update::{HANDOFF_DIR, LUO_INDEX};
+
+/// Where kup-restore is installed (the holder runs it).
+const KUP_RESTORE: &str = "/usr/lib/kup/kup-restore";
+/// The holder's `argv[0]`: systemd-shutdown spares processes whose name begins with `@` (root
+/// storage daemons) from its final killing spree, so the session is still open at the kexec.
+pub const HOLDER_ARGV0: &str = "@kup-luo-hold";
+/// The session name of handoff `id`.
+pub fn session_name(id: &str) -> String {
+    format!("kup-{id}")
+}
+
+/// Why the images could not be kept in RAM, or taken back.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Luo(#[from] LuoError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("the LUO holder failed: {0}")]
+    Holder(String),
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    #[error(
+        "{LUO_INDEX} in {HANDOFF_DIR} is damaged ({0}); the images kept in RAM cannot be found"
+    )]
+    Index(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let what = what.into();
+    move |source| StoreError::Io { what, source }
+}
+
+/// Mounts a tmpfs of kup's own at `dir` (unless one is there): the images must be shmem files for
+/// LUO, and /run's tmpfs is capped at a fifth of RAM. Its size is RAM; preflight checked the need.
+pub fn mount_tmpfs(dir: &Path) -> Result<(), StoreError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(io("reading /proc/self/mountinfo"))?;
+    if is_mount_point(&mountinfo, dir) {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("kup-luo"),
+        dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some("mode=0700,size=100%"),
+    )
+    .map_err(|e| io(format!("mounting a tmpfs on {}", dir.display()))(e.into()))
+}
+
+/// Whether `dir` is a mount point in a `/proc/self/mountinfo` text.
+pub fn is_mount_point(mountinfo: &str, dir: &Path) -> bool {
+    let want = dir.to_string_lossy();
+    mountinfo
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(want.as_ref()))
+}
+
+/// The running holder on the old kernel.
+#[derive(Debug)]
+pub struct Held {
+    child: Child,
+    pub summary: String,
+}
+
+/// Starts the holder on `dir` for handoff `id` in a scope of its own that the shutdown does not
+/// stop (`DefaultDependencies=no`), and waits until every file is preserved and the index is in
+/// `handoff`.
+pub fn hold(dir: &Path, id: &str, handoff: &Path) -> Result<Held, StoreError> {
+    let _ = std::fs::remove_file(handoff.join(LUO_INDEX));
+    let mut child = Command::new("systemd-run")
+        .args([
+            "--scope",
+            "--quiet",
+            "--collect",
+            "--property=DefaultDependencies=no",
+            &format!("--unit=kup-luo-hold-{id}"),
+            "--description=kup: checkpoints kept in RAM across the kexec",
+            KUP_RESTORE,
+            "luo-hold",
+        ])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io("starting the LUO holder with systemd-run"))?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = BufReader::new(out).read_line(&mut line);
+    }
+    if let Some(summary) = line.trim().strip_prefix("ready ") {
+        tracing::info!(kup_phase = "switch", "kup: kept in RAM (LUO): {summary}");
+        return Ok(Held {
+            summary: summary.to_owned(),
+            child,
+        });
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(io("waiting for the LUO holder"))?;
+    Err(StoreError::Holder(format!(
+        "{}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
+impl Held {
+    /// The switch did not happen: the holder writes every file back into the tree (for the
+    /// rollback's in-place restore) and exits.
+    pub fn give_back(mut self) -> Result<(), StoreError> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1)
+            .map_err(|e| io("signalling the LUO holder")(e.into()))?;
+        let out = self
+            .child
+            .wait()
+            .map_err(io("waiting for the LUO holder"))?;
+        if out.success() {
+            Ok(())
+        } else {
+            Err(StoreError::Holder(format!(
+                "writing the images back failed ({out}); see journalctl -t kup-restore"
+            )))
+        }
+    }
+}
+
+/// `kup-restore luo-hold DIR` (the holder): re-executes itself as [`HOLDER_ARGV0`], preserves the
+/// tree, writes the index, says `ready ...` on stdout, then holds the session until the kexec. A
+/// signal (the update gave up) writes the files back and ends it.
+pub fn run_holder(dir: &Path, argv0: &str) -> Result<(), StoreError> {
+    if !argv0.starts_with('@') {
+        let err = Command::new("/proc/self/exe")
+            .arg0(HOLDER_ARGV0)
+            .args(["luo-hold"])
+            .arg(dir)
+            .exec();
+        return Err(io("re-executing the LUO holder")(err));
+    }
+    // Signals are taken synchronously below; blocked before anything can send one.
+    let mut set = nix::sys::signal::SigSet::empty();
+    for s in [
+        nix::sys::signal::Signal::SIGUSR1,
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGHUP,
+    ] {
+        set.add(s);
+    }
+    set.thread_block()
+        .map_err(|e| io("blocking signals")(e.into()))?;
+    let m = manifest::read(Path::new(HANDOFF_DIR))?;
+    let t = Instant::now();
+    let index = luo::scan(dir, &session_name(&m.id))?;
+    let bytes: u64 = index.files.iter().map(|f| f.size).sum();
+    let session = luo::preserve_tree(dir, &index)?;
+    let text = serde_json::to_vec_pretty(&index).map_err(|e| StoreError::Index(e.to_string()))?;
+    if let Err(e) = write_synced(&Path::new(HANDOFF_DIR).join(LUO_INDEX), &text) {
+        let _ = session.give_back(dir, &index);
+        return Err(e);
+    }
+    println!(
+        "ready {} files, {} MiB, in LUO session {} in {:.1} s",
+        index.files.len(),
+        bytes >> 20,
+        index.session,
+        t.elapsed().as_secs_f64()
+    );
+    let _ = std::io::stdout().flush();
+    let signal = set
+        .wait()
+        .map_err(|e| io("waiting for a signal")(e.into()))?;
+    tracing::warn!(
+        kup_phase = "switch",
+        "kup: the switch did not happen ({signal:?}): writing the images kept in RAM back to {}",
+        dir.display()
+    );
+    session.give_back(dir, &index)?;
+    let _ = std::fs::remove_file(Path::new(HANDOFF_DIR).join(LUO_INDEX));
+    Ok(())
+}
+
+/// Writes `path` through a temporary file, synced, then renamed and the directory synced.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io(format!("writing {}", tmp.display())))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io(format!("renaming to {}", path.display())))?;
+    if let Some(d) = path.parent() {
+        let _ = std::fs::File::open(d).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
+/// `kup-restore luo-claim` (kup-luo.service, before any unit is restored): takes the session of
+/// the pending handoff back, checks it against the index, lays the tree out at the manifest's
+/// image directory, tells systemd it is ready, then holds each unit's files until its images are
+/// released (its directory removed) and finishes the session when none is left.
+pub fn claim() -> Result<String, StoreError> {
+    let handoff = Path::new(HANDOFF_DIR);
+    let m = manifest::read(handoff)?;
+    if m.backend != crate::config::Backend::Luo.as_str() {
+        return Ok(format!(
+            "handoff {} keeps its images on disk; nothing to take from RAM",
+            m.id
+        ));
+    }
+    let text = std::fs::read_to_string(handoff.join(LUO_INDEX))
+        .map_err(io(format!("reading {HANDOFF_DIR}/{LUO_INDEX}")))?;
+    let index = Index::parse(&text).map_err(StoreError::Index)?;
+    let root = PathBuf::from(&m.image_dir);
+    let t = Instant::now();
+    let mut session = luo::retrieve_tree(&root, &index, std::process::id())?;
+    let bytes: u64 = index.files.iter().map(|f| f.size).sum();
+    let took = format!(
+        "took {} files ({} MiB) of LUO session {} back in {:.2} s, at {}",
+        index.files.len(),
+        bytes >> 20,
+        index.session,
+        t.elapsed().as_secs_f64(),
+        root.display()
+    );
+    tracing::info!(kup_phase = "restore", "kup: {took}");
+    let _ = libsystemd::daemon::notify(
+        false,
+        &[
+            libsystemd::daemon::NotifyState::Ready,
+            libsystemd::daemon::NotifyState::Status(took.clone()),
+        ],
+    );
+    let mut held = index.tokens_by_unit();
+    while !held.is_empty() {
+        std::thread::sleep(Duration::from_millis(500));
+        held.retain(|unit, tokens| {
+            if root.join(unit).exists() {
+                return true;
+            }
+            for t in tokens.iter() {
+                session.files.remove(t);
+            }
+            tracing::info!(
+                kup_phase = "verify",
+                "kup: {unit}'s images were released: its memory kept in RAM is freed"
+            );
+            false
+        });
+    }
+    session.finish()?;
+    Ok(format!(
+        "{took}; every unit's images released, session finished"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_mount_points_in_mountinfo() {
+        let mi = "22 1 0:21 / /run rw,nosuid shared:5 - tmpfs tmpfs rw\n\
+                  90 22 0:50 / /run/kup/luo rw,nosuid,nodev shared:40 - tmpfs kup-luo rw,size=2G\n";
+        assert!(is_mount_point(mi, Path::new("/run/kup/luo")));
+        assert!(is_mount_point(mi, Path::new("/run")));
+        assert!(!is_mount_point(mi, Path::new("/run/kup")));
+    }
+
+    #[test]
+    fn session_names_fit_luo() {
+        let id = manifest::new_handoff_id();
+        assert!(session_name(&id).len() < 64);
+    }
+}
