@@ -2,6 +2,7 @@
 //! services from outside the guest.
 #![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
+pub mod disk_probe;
 pub mod memcached;
 
 use std::net::TcpListener;
