@@ -4,9 +4,6 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{Lab, MAJOR, NEW, free_port, memcached, up_line};
@@ -22,43 +19,6 @@ const PRECOPY: &str =
     "[update]\nprecopy_rounds = 3\nrestore = \"eager\"\n\n[[unit]]\nname = \"memcached.service\"\n";
 /// Keys loaded into memcached: ~280 MB of values of 100..5000 bytes.
 const KEYS: u32 = 110_000;
-
-/// Polls memcached from the host every 50 ms; reports the outage (first failed request to the first
-/// successful one after it).
-struct Probe {
-    stop: Arc<AtomicBool>,
-    handle: JoinHandle<Option<Duration>>,
-}
-
-impl Probe {
-    fn start(port: u16) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = Arc::clone(&stop);
-        let handle = std::thread::spawn(move || {
-            let mut down_since: Option<Instant> = None;
-            let mut outage = None;
-            while !s.load(Ordering::SeqCst) {
-                let ok = memcached::answers(port);
-                match (ok, down_since) {
-                    (false, None) => down_since = Some(Instant::now()),
-                    (true, Some(t)) => {
-                        outage = Some(t.elapsed());
-                        down_since = None;
-                    }
-                    _ => {}
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            outage
-        });
-        Probe { stop, handle }
-    }
-
-    fn finish(self) -> Option<Duration> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.handle.join().expect("probe thread")
-    }
-}
 
 /// Everything a user checks after an update, from the host.
 fn check_restored(lab: &Lab, port: u16, kernel: &str, pid_before: &str, config: &str) {
@@ -156,7 +116,7 @@ fn update(lab: &Lab, port: u16, cmd: &str, kernel: &str, config: &str) {
     // A client connected before the update keeps its connection: same socket, correct answers.
     let mut kept = memcached::Kept::open(port).expect("connect a kept client");
     assert!(kept.get_matches(7).unwrap());
-    let probe = Probe::start(port);
+    let probe = memcached::Outage::start(port);
     let t0 = Instant::now();
     lab.begin_switch(cmd);
     let waited = lab.ok(&["wait", "--timeout", "400"]);

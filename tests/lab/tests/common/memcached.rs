@@ -1,9 +1,13 @@
 //! memcached from the host for the lab tests: the key/value scheme, loading and checking are
-//! kup-bench's (one source of truth with the benchmark); [`Kept`] is a connection kept across an update.
+//! kup-bench's (one source of truth with the benchmark); [`Kept`] is a connection kept across an update,
+//! [`Outage`] the downtime the host sees during one.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 pub use kup_bench::{answers, key, value};
 
@@ -84,5 +88,43 @@ impl Kept {
         let mut end = String::new();
         self.reader.read_line(&mut end)?;
         Ok(end.trim_end() == "END" && data == value(i))
+    }
+}
+
+/// Polls memcached from the host every 50 ms; reports the outage (first failed request to the first
+/// successful one after it).
+pub struct Outage {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Option<Duration>>,
+}
+
+impl Outage {
+    pub fn start(port: u16) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let handle = std::thread::spawn(move || {
+            let mut down_since: Option<Instant> = None;
+            let mut outage = None;
+            while !s.load(Ordering::SeqCst) {
+                let ok = answers(port);
+                match (ok, down_since) {
+                    (false, None) => down_since = Some(Instant::now()),
+                    (true, Some(t)) => {
+                        outage = Some(t.elapsed());
+                        down_since = None;
+                    }
+                    _ => {}
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            outage
+        });
+        Outage { stop, handle }
+    }
+
+    /// Stops polling; the last outage seen, if any.
+    pub fn finish(self) -> Option<Duration> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().expect("outage probe thread")
     }
 }

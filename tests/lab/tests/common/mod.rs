@@ -2,6 +2,8 @@
 //! services from outside the guest.
 #![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
+pub mod disk_probe;
+pub mod kup_kernels;
 pub mod memcached;
 
 use std::net::TcpListener;
@@ -53,6 +55,11 @@ impl Lab {
         self.start(&["--kernel", OLD], tree, port);
     }
 
+    /// [`Lab::boot_old`] with `mem_mib` of memory; returns the `lab: up` line's stdout.
+    pub fn boot_old_mem(&self, tree: &std::path::Path, port: u16, mem_mib: u32) -> String {
+        self.start_mem(&["--kernel", OLD], tree, port, mem_mib)
+    }
+
     /// Boots `kernel` (2 GiB) through UEFI firmware and systemd-boot (`lab start --firmware`): OVMF
     /// boots systemd-boot from the guest's ESP disk, whose default entry is made `kernel`'s, so a
     /// reset or reboot goes through the firmware and the boot loader again (its default or one-shot
@@ -63,18 +70,25 @@ impl Lab {
 
     /// `lab start BOOT...` with 2 GiB, `tree` as the payload and memcached on `port` of the host.
     fn start(&self, boot: &[&str], tree: &std::path::Path, port: u16) {
+        self.start_mem(boot, tree, port, 2048);
+    }
+
+    /// `lab start BOOT...` with `mem_mib`, `tree` as the payload and memcached on `port` of the
+    /// host; returns its stdout.
+    fn start_mem(&self, boot: &[&str], tree: &std::path::Path, port: u16, mem_mib: u32) -> String {
         let forward = format!("{port}:11211");
+        let mem = mem_mib.to_string();
         let mut args = vec!["start"];
         args.extend_from_slice(boot);
         args.extend([
             "--mem",
-            "2048",
+            &mem,
             "--forward",
             &forward,
             "--payload-tree",
             tree.to_str().unwrap(),
         ]);
-        self.ok(&args);
+        self.ok(&args)
     }
 
     /// Runs `cmd`, which begins a kernel switch: kupctl returns once the switch has begun (0) or
