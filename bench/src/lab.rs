@@ -42,15 +42,19 @@ pub enum Scenario {
     Lazy,
     /// kup with pre-copy (3 rounds) and an eager restore.
     PreCopy,
+    /// kup with everything on and the images kept in RAM across the kexec (`backend = "luo"`):
+    /// needs LUO on both kernels (`--kup-kernels`). Counted as D_kup.
+    Luo,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::Switch,
         Scenario::Naive,
         Scenario::Kup,
         Scenario::Lazy,
         Scenario::PreCopy,
+        Scenario::Luo,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +64,7 @@ impl Scenario {
             Scenario::Kup => "kup (pre-copy + lazy restore)",
             Scenario::Lazy => "kup (lazy restore, no pre-copy)",
             Scenario::PreCopy => "kup (pre-copy + eager restore)",
+            Scenario::Luo => "kup luo (pre-copy + lazy restore, images in RAM)",
         }
     }
 
@@ -67,7 +72,7 @@ impl Scenario {
         match self {
             Scenario::Switch => Kind::Switch,
             Scenario::Naive => Kind::Naive,
-            Scenario::Kup => Kind::Kup,
+            Scenario::Kup | Scenario::Luo => Kind::Kup,
             Scenario::Lazy | Scenario::PreCopy => Kind::Other,
         }
     }
@@ -87,6 +92,9 @@ impl Scenario {
             }
             Scenario::PreCopy => {
                 "[update]\nprecopy_rounds = 3\nrestore = \"eager\"\n\n[[unit]]\nname = \"memcached.service\"\n"
+            }
+            Scenario::Luo => {
+                "[update]\nbackend = \"luo\"\nprecopy_rounds = 3\nrestore = \"lazy\"\n\n[[unit]]\nname = \"memcached.service\"\n"
             }
         }
     }
@@ -111,7 +119,14 @@ pub struct LabBench {
     pub after: Duration,
     /// Load threads.
     pub threads: usize,
+    /// kup's own kernel packages (kernel-patches/build) to install in the guest first; the guest
+    /// then kexecs from Debian's kernel into `old` (one of them, with `kho=on liveupdate=on`)
+    /// before the working set is loaded. Empty: `old` is a kernel of the lab image.
+    pub kup_kernels: Vec<PathBuf>,
 }
+
+/// Where the payload puts kup's kernel packages in the guest.
+const KERNELS_DIR: &str = "var/lib/kup-lab/kernels";
 
 /// Average bytes of a value of the key scheme (100..5000, uniform).
 const AVG_VALUE: u64 = 2550;
@@ -181,6 +196,12 @@ impl LabBench {
         let conf = tree.join("etc/kup/kup.toml");
         std::fs::create_dir_all(tree.join("etc/kup")).map_err(file_err(&conf))?;
         std::fs::write(&conf, config).map_err(file_err(&conf))?;
+        let kernels = tree.join(KERNELS_DIR);
+        for deb in &self.kup_kernels {
+            std::fs::create_dir_all(&kernels).map_err(file_err(&kernels))?;
+            let name = deb.file_name().unwrap_or_default();
+            std::fs::copy(deb, kernels.join(name)).map_err(file_err(deb))?;
+        }
         Ok(tree)
     }
 
@@ -189,20 +210,65 @@ impl LabBench {
         let port = free_port()?;
         let tree = self.tree(scenario.config())?;
         let _ = self.lab(&["stop"]);
-        self.lab(&[
-            "start",
-            "--kernel",
-            &self.old,
-            "--mem",
-            &self.mem_mib.to_string(),
-            "--forward",
-            &format!("{port}:11211"),
-            "--payload-tree",
-            &tree.display().to_string(),
-        ])?;
-        let result = self.run_in_guest(scenario, ws, port);
+        // On kup's kernels the guest boots Debian's first kernel of the image, installs them and
+        // switches to `old` with a plain kexec.
+        let first = if self.kup_kernels.is_empty() {
+            self.old.clone()
+        } else {
+            String::new()
+        };
+        let mut boot = vec!["start"];
+        if !first.is_empty() {
+            boot.extend(["--kernel", first.as_str()]);
+        }
+        self.lab(
+            &[
+                boot.as_slice(),
+                &[
+                    "--mem",
+                    &self.mem_mib.to_string(),
+                    "--forward",
+                    &format!("{port}:11211"),
+                    "--payload-tree",
+                    &tree.display().to_string(),
+                ],
+            ]
+            .concat(),
+        )?;
+        let result = self
+            .onto_kup_kernel()
+            .and_then(|()| self.run_in_guest(scenario, ws, port));
         let _ = self.lab(&["stop"]);
         result
+    }
+
+    /// With `kup_kernels`: installs them (dpkg -i; their hooks make the initrds with kup's module)
+    /// and kexecs into `old` with `kho=on liveupdate=on`.
+    fn onto_kup_kernel(&self) -> Result<(), LabError> {
+        if self.kup_kernels.is_empty() {
+            return Ok(());
+        }
+        let t = Instant::now();
+        self.exec(&format!(
+            "DEBIAN_FRONTEND=noninteractive dpkg -i /{KERNELS_DIR}/*.deb > /{KERNELS_DIR}/dpkg.log 2>&1 || {{ cat /{KERNELS_DIR}/dpkg.log; exit 1; }}"
+        ))?;
+        let v = &self.old;
+        let _ = self.exec(&format!(
+            "kexec -s -l /boot/vmlinuz-{v} --initrd=/boot/initrd.img-{v} --reuse-cmdline --append='kho=on liveupdate=on' && systemctl kexec --no-block"
+        ));
+        self.lab(&["wait", "--timeout", "400"])?;
+        let running = self.exec("uname -r")?;
+        if &running != v {
+            return Err(LabError::Failed {
+                what: format!("kexec into {v}"),
+                output: format!("the guest runs {running}"),
+            });
+        }
+        eprintln!(
+            "bench: kup's kernels installed and {v} running in {:.0} s",
+            t.elapsed().as_secs_f64()
+        );
+        Ok(())
     }
 
     fn run_in_guest(&self, scenario: Scenario, ws: u64, port: u16) -> Result<Variant, LabError> {
@@ -242,7 +308,11 @@ impl LabBench {
                 "kexec -s -l /boot/vmlinuz-{v} --initrd=/boot/initrd.img-{v} --reuse-cmdline && systemctl kexec --no-block",
                 v = self.new
             ),
-            Scenario::Naive | Scenario::Kup | Scenario::Lazy | Scenario::PreCopy => {
+            Scenario::Naive
+            | Scenario::Kup
+            | Scenario::Lazy
+            | Scenario::PreCopy
+            | Scenario::Luo => {
                 format!("kupctl update --kernel {}", self.new)
             }
         };
@@ -270,6 +340,15 @@ impl LabBench {
         put("bytes", bytes.into());
         put("guest_mem_mib", self.mem_mib.into());
         put("kernel_from", self.old.clone().into());
+        put(
+            "backend",
+            if scenario == Scenario::Luo {
+                "luo"
+            } else {
+                "disk"
+            }
+            .into(),
+        );
         put("kernel_to", self.exec("uname -r")?.into());
         put(
             "kept_connection_survived",
@@ -353,5 +432,14 @@ mod tests {
         assert!(Scenario::Kup.config().contains("precopy_rounds = 3"));
         assert!(Scenario::Lazy.config().contains("precopy_rounds = 0"));
         assert_eq!(Scenario::Kup.kind(), Kind::Kup);
+        // luo is kup with everything on, the images in RAM instead of on disk.
+        assert_eq!(
+            Scenario::Luo.config(),
+            Scenario::Kup
+                .config()
+                .replace("[update]\n", "[update]\nbackend = \"luo\"\n")
+        );
+        assert_eq!(Scenario::Luo.kind(), Kind::Kup);
+        assert!(!Scenario::Kup.config().contains("backend"));
     }
 }

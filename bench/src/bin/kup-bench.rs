@@ -100,6 +100,11 @@ enum Cmd {
         after: u64,
         #[arg(long, default_value_t = 4)]
         threads: usize,
+        /// Run on kup's own kernels (kernel-patches/build: 7.2.13-kup -> 7.3.4-kup, KHO/LUO built in)
+        /// instead of --old/--new: each guest installs them and kexecs into the first before the
+        /// working set is loaded. Needed by the `luo` scenario.
+        #[arg(long)]
+        kup_kernels: bool,
         /// Scenarios to run, in this order.
         #[arg(long, value_delimiter = ',', default_values_t = ["switch".to_string(), "naive".to_string(), "kup".to_string()])]
         scenarios: Vec<String>,
@@ -207,10 +212,37 @@ fn main() -> anyhow::Result<()> {
             before,
             after,
             threads,
+            kup_kernels,
             scenarios,
             out,
         } => {
             let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let (old, new, debs) = if kup_kernels {
+                let mut debs = Vec::new();
+                for series in ["7.2", "7.3"] {
+                    let out = std::process::Command::new(repo.join("kernel-patches/build"))
+                        .args(["--source", series])
+                        .output()
+                        .context("running kernel-patches/build")?;
+                    if !out.status.success() {
+                        bail!(
+                            "kernel-patches/build --source {series} failed: {}",
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                    }
+                    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                    let deb = text
+                        .lines()
+                        .find(|l| l.contains("linux-image-"))
+                        .with_context(|| {
+                            format!("kernel-patches/build --source {series} printed no package")
+                        })?;
+                    debs.push(PathBuf::from(deb));
+                }
+                ("7.2.13-kup".to_owned(), "7.3.4-kup".to_owned(), debs)
+            } else {
+                (old, new, Vec::new())
+            };
             let bench = LabBench {
                 lab_bin: repo.join("target/release/kup-lab"),
                 repo,
@@ -221,6 +253,7 @@ fn main() -> anyhow::Result<()> {
                 before: Duration::from_secs(before),
                 after: Duration::from_secs(after),
                 threads,
+                kup_kernels: debs,
             };
             let scenarios = scenarios
                 .iter()
@@ -230,8 +263,14 @@ fn main() -> anyhow::Result<()> {
                     "kup" => Ok(Scenario::Kup),
                     "lazy" => Ok(Scenario::Lazy),
                     "precopy" => Ok(Scenario::PreCopy),
+                    "luo" if !kup_kernels => {
+                        bail!("scenario luo needs LUO on both kernels: add --kup-kernels")
+                    }
+                    "luo" => Ok(Scenario::Luo),
                     other => {
-                        bail!("unknown scenario {other:?}; use switch, naive, kup, lazy or precopy")
+                        bail!(
+                            "unknown scenario {other:?}; use switch, naive, kup, lazy, precopy or luo"
+                        )
                     }
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;

@@ -301,8 +301,8 @@ pub fn fall_back(m: &Manifest, failures: &[UnitFailure]) -> Result<String, Fallb
         manifest::write_atomic(handoff, &next)?;
     }
     update::write_boot_files(&next)?;
-    if let Err(e) =
-        kexec::load(&target).and_then(|()| kexec::switch(m.checks.kexec_watchdog, &m.from_kernel))
+    if let Err(e) = kexec::load(&target)
+        .and_then(|()| kexec::switch(m.checks.kexec_watchdog, &m.from_kernel, &target.version))
     {
         kexec::unload();
         back_here(&next);

@@ -51,8 +51,9 @@ pub fn unload() {
 /// `come_back_to` (where the handoff falls back) becomes the boot loader's one-shot next boot
 /// ([`crate::bootloader::come_back_to`]). With `watchdog` seconds (0 = off), systemd first arms the
 /// hardware watchdog for the kexec: the new kernel must take it over within that time, or the
-/// machine resets into that one-shot entry (a hang; see [`crate::watchdog`]).
-pub fn switch(watchdog: u16, come_back_to: &str) -> Result<(), KexecError> {
+/// machine resets into that one-shot entry (a hang; see [`crate::watchdog`]); not when kernel
+/// `target` has no driver for it (it would reset the machine after a good switch).
+pub fn switch(watchdog: u16, come_back_to: &str, target: &str) -> Result<(), KexecError> {
     match crate::bootloader::come_back_to(come_back_to) {
         Ok(what) => tracing::info!(kup_phase = "switch", "kup: {what}"),
         Err(e) => tracing::warn!(
@@ -61,7 +62,9 @@ pub fn switch(watchdog: u16, come_back_to: &str) -> Result<(), KexecError> {
         ),
     }
     if watchdog > 0 {
-        match crate::watchdog::hang_protection() {
+        match crate::watchdog::hang_protection()
+            .or_else(|| crate::watchdog::target_cannot_drive(target))
+        {
             None => match crate::systemd::set_kexec_watchdog(watchdog) {
                 Ok(()) => tracing::info!(
                     kup_phase = "switch",

@@ -169,12 +169,11 @@ pub fn generate(early_dir: &Path) -> Result<usize, RestoreError> {
 pub fn exec(unit: &str) -> Result<Restored, RestoreError> {
     let restored = restore_unit(unit);
     if let Err(e) = &restored {
-        if let Ok(mut m) = manifest::read(Path::new(HANDOFF_DIR)) {
+        let _ = manifest::update(Path::new(HANDOFF_DIR), |m| {
             if let Some(entry) = m.unit_mut(unit) {
                 entry.state = UnitState::Failed(e.to_string());
-                let _ = manifest::write_atomic(Path::new(HANDOFF_DIR), &m);
             }
-        }
+        });
     }
     restored
 }
@@ -304,11 +303,11 @@ fn restore_unit(unit: &str) -> Result<Restored, RestoreError> {
         ],
     )
     .map_err(|e| RestoreError::Notify(e.to_string()))?;
-    let mut m = manifest::read(Path::new(HANDOFF_DIR))?;
-    if let Some(entry) = m.unit_mut(unit) {
-        entry.state = UnitState::Restored;
-    }
-    manifest::write_atomic(Path::new(HANDOFF_DIR), &m)?;
+    manifest::update(Path::new(HANDOFF_DIR), |m| {
+        if let Some(entry) = m.unit_mut(unit) {
+            entry.state = UnitState::Restored;
+        }
+    })?;
     Ok(Restored { pid, steps })
 }
 

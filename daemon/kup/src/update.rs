@@ -540,7 +540,11 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
     };
     // Fault tests: hold the update here, every unit dumped, the switch not begun (a power cut now).
     fail::fail_point!("switch");
-    if let Err(e) = kexec::switch(plan.checks.kexec_watchdog, &m.from_kernel) {
+    if let Err(e) = kexec::switch(
+        plan.checks.kexec_watchdog,
+        &m.from_kernel,
+        &plan.target.version,
+    ) {
         kexec::unload();
         if let Some(h) = held {
             if let Err(e) = h.give_back() {

@@ -51,6 +51,39 @@ pub fn no_hang_protection(device: bool, stop_on_reboot: Option<&str>) -> Option<
     }
 }
 
+/// The kernel module of the running watchdog's driver (`i6300esb`), when it has one.
+pub fn driver_module() -> Option<String> {
+    let link = std::fs::read_link("/sys/class/watchdog/watchdog0/device/driver/module").ok()?;
+    Some(link.file_name()?.to_string_lossy().into_owned())
+}
+
+/// Whether a kernel's `modules.builtin` and `modules.dep` texts (from `/lib/modules/VER`) carry
+/// `module` (`-` and `_` are the same in module names).
+pub fn kernel_has_module(builtin: &str, dep: &str, module: &str) -> bool {
+    let want = module.replace('-', "_");
+    builtin.lines().chain(dep.lines()).any(|l| {
+        let path = l.split(':').next().unwrap_or_default();
+        let name = path.rsplit('/').next().unwrap_or_default();
+        let stem = name.split(".ko").next().unwrap_or_default();
+        !stem.is_empty() && name.contains(".ko") && stem.replace('-', "_") == want
+    })
+}
+
+/// Why kernel `version` could not take the running watchdog over (no driver for it), so arming it
+/// for the switch would reset the machine once that kernel is up; `None` when it can, or when
+/// that cannot be told.
+pub fn target_cannot_drive(version: &str) -> Option<String> {
+    let module = driver_module()?;
+    let dir = Path::new("/lib/modules").join(version);
+    let builtin = std::fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
+    let dep = std::fs::read_to_string(dir.join("modules.dep")).ok()?;
+    (!kernel_has_module(&builtin, &dep, &module)).then(|| {
+        format!(
+            "the new kernel {version} has no driver for this machine's watchdog ({module}), so the watchdog is not armed for the switch (it would reset the machine once {version} is up); a new kernel that hangs needs a manual reset"
+        )
+    })
+}
+
 /// [`no_hang_protection`] for this machine.
 pub fn hang_protection() -> Option<String> {
     no_hang_protection(
@@ -120,6 +153,29 @@ pub fn feed_until_stopped(wait: Duration, period: Duration) -> Result<String, Wa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kernel_carries_a_watchdog_driver_built_in_or_as_a_module() {
+        let dep = "kernel/drivers/watchdog/i6300esb.ko.xz: kernel/drivers/watchdog/watchdog.ko.xz\nkernel/drivers/watchdog/watchdog.ko.xz:\n";
+        assert!(kernel_has_module("", dep, "i6300esb"));
+        assert!(kernel_has_module(
+            "kernel/drivers/watchdog/i6300esb.ko\n",
+            "",
+            "i6300esb"
+        ));
+        assert!(kernel_has_module(
+            "",
+            "kernel/drivers/watchdog/sp5100_tco.ko:\n",
+            "sp5100-tco"
+        ));
+        // kup's lab kernels: every lab module built in, no watchdog driver among them.
+        assert!(!kernel_has_module(
+            "kernel/drivers/block/virtio_blk.ko\n",
+            "",
+            "i6300esb"
+        ));
+        assert!(!kernel_has_module("", dep, "i6300"));
+    }
 
     #[test]
     fn hang_protection_needs_a_device_that_survives_kexec() {

@@ -5,6 +5,7 @@
 pub mod disk_probe;
 pub mod kup_kernels;
 pub mod memcached;
+pub mod redis;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -55,9 +56,21 @@ impl Lab {
         self.start(&["--kernel", OLD], tree, port);
     }
 
-    /// [`Lab::boot_old`] with `mem_mib` of memory; returns the `lab: up` line's stdout.
-    pub fn boot_old_mem(&self, tree: &std::path::Path, port: u16, mem_mib: u32) -> String {
-        self.start_mem(&["--kernel", OLD], tree, port, mem_mib)
+    /// [`Lab::boot_old`] with `mem_mib` of memory and `redis` (a host port) forwarded to the
+    /// guest's redis when given; returns the `lab: up` line's stdout.
+    pub fn boot_old_mem(
+        &self,
+        tree: &std::path::Path,
+        port: u16,
+        mem_mib: u32,
+        redis: Option<u16>,
+    ) -> String {
+        let forward = redis.map(|p| format!("{p}:6379"));
+        let mut boot = vec!["--kernel", OLD];
+        if let Some(f) = &forward {
+            boot.extend(["--forward", f.as_str()]);
+        }
+        self.start_mem(&boot, tree, port, mem_mib)
     }
 
     /// Boots `kernel` (2 GiB) through UEFI firmware and systemd-boot (`lab start --firmware`): OVMF

@@ -1,0 +1,262 @@
+//! Lab test of the luo backend on kup's own kernels (KHO/LUO built in, `kernel-patches/build`),
+//! installed in a guest from their Debian packages. kup.toml asks for `backend = "luo"`. Hop 1,
+//! Debian's 6.12 -> 7.2.13-kup: the running kernel has no LUO, so kup says so and goes through the
+//! disk, and gives the target `kho=on liveupdate=on`. Hop 2, 7.2.13-kup -> 7.3.4-kup: the
+//! checkpoint stays in RAM across the kexec (LUO), nothing of it is written to disk. memcached keeps
+//! its PID and every key across both. The disk-write probe reports what the root disk wrote from
+//! just before each `kupctl update` to the kexec, read from the serial console on the host.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::kup_kernels::{self, KUP_72, KUP_73, LUO_ARGS};
+use common::{Lab, OLD, disk_probe, free_port, memcached, up_line};
+
+/// memcached marked, luo backend, pre-copy and lazy restore. `kexec_watchdog = 0`: kup's lab kernels have no driver for the
+/// lab's i6300esb watchdog (`kernel-patches/lab-modules` lacks it), so a watchdog armed for the
+/// switch on Debian's kernel would reset the guest ~180 s into the kup kernel.
+const CONFIG: &str = "[update]\nbackend = \"luo\"\nprecopy_rounds = 3\nrestore = \"lazy\"\nkexec_watchdog = 0\n\n[[unit]]\nname = \"memcached.service\"\n\n[[unit]]\nname = \"redis-server.service\"\n";
+/// redis as the administrator runs it for kup: Debian's unit without its user namespace (kup
+/// refuses `PrivateUsers=`: docs/ARCHITECTURE.md), no RDB snapshots (their disk writes are not the
+/// images', and the test counts what reaches the disk).
+const REDIS_SETUP: &str = "mkdir -p /etc/systemd/system/redis-server.service.d && \
+     printf '[Service]\\nPrivateUsers=no\\n' > /etc/systemd/system/redis-server.service.d/50-kup-lab.conf && \
+     sed -i 's/^save .*//' /etc/redis/redis.conf && printf 'save \"\"\\n' >> /etc/redis/redis.conf && \
+     systemctl daemon-reload && systemctl restart redis-server && systemctl is-active redis-server";
+/// memcached's memory cap raised above the image's 1 GiB, for more than 1 GiB of data.
+const MEMCACHED_SETUP: &str = "sed -i 's/^-m .*/-m 1800/' /etc/memcached.conf && systemctl restart memcached && systemctl is-active memcached";
+/// Keys loaded into redis: ~100 MB.
+const REDIS_KEYS: u32 = 40_000;
+/// Keys loaded into memcached: ~1.07 GiB of values of 100..5000 bytes.
+const KEYS: u32 = 440_000;
+/// Guest memory: memcached (~1.3 GiB) and redis, their checkpoint in RAM beside them (the luo
+/// backend's tmpfs), KHO's scratch (kho=on reserves ~400 MB as CMA, movable pages still use it).
+const MEM_MIB: u32 = 4096;
+
+/// One kup update with `cmd` to `kernel`, the disk-write probe marked `label` just before it; checks
+/// everything from the host afterwards.
+/// Which backend a hop is expected to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Disk,
+    Ram,
+}
+
+fn hop(lab: &Lab, port: u16, pids: (&str, &str), redis: u16, kernel: &str, label: &str, via: Via) {
+    let (pid, redis_pid) = pids;
+    let cmd = format!("kupctl update --kernel {kernel}");
+    lab.exec(&disk_probe::start());
+    let boot_before = lab.exec("cat /proc/sys/kernel/random/boot_id");
+    let rss_kib: u64 = lab
+        .exec(&format!("ps -o rss= -p {pid}"))
+        .trim()
+        .parse()
+        .unwrap();
+    let outage = memcached::Outage::start(port);
+    let at_mark = lab.exec(&disk_probe::mark(label));
+    let t0 = Instant::now();
+    lab.begin_switch(&cmd);
+    let waited = lab.ok(&["wait", "--timeout", "400"]);
+    let switch = t0.elapsed();
+    let (k, boot) = up_line(&waited);
+    if k != kernel {
+        // A fallback: what kup recorded about the kernel that failed.
+        eprintln!(
+            "{}",
+            lab.exec("kupctl status; cat /var/lib/kup/last-handoff.json; journalctl -b -1 -o short-monotonic --no-pager | grep -Ei 'kup|oom|killed|luo' | tail -60")
+        );
+    }
+    assert_eq!(k, kernel);
+    assert_ne!(boot, boot_before);
+    while !memcached::answers(port) && t0.elapsed() < Duration::from_secs(600) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let outage = outage.finish();
+    eprintln!(
+        "update to {kernel}: command -> new kernel at multi-user {:.1} s; memcached downtime seen by the host {:.1} s",
+        switch.as_secs_f64(),
+        outage.map(|d| d.as_secs_f64()).unwrap_or(f64::NAN)
+    );
+
+    let writes = disk_probe::writes_since(lab, label);
+    eprintln!(
+        "disk probe {label}: the root disk ({}) wrote {} MiB ({} sectors: {} at the marker, {} at the last line) from the marker to the kexec; {} probe lines, the shutdown hook's last: {}; memcached RSS {} MiB",
+        writes.disk,
+        writes.bytes() >> 20,
+        writes.last - writes.at_mark,
+        writes.at_mark,
+        writes.last,
+        writes.samples,
+        writes.final_seen,
+        rss_kib >> 10
+    );
+    assert_eq!(at_mark, writes.at_mark.to_string());
+    assert!(
+        writes.final_seen,
+        "the probe's systemd-shutdown line reached the console: {writes:?}"
+    );
+    let images = writes.bytes();
+    let rss = rss_kib * 1024;
+    let old_journal = lab.exec(
+        "journalctl -b -1 -o cat --no-pager _SYSTEMD_UNIT=kupd.service | grep 'kup:' || true",
+    );
+    eprintln!("kupd on the old kernel:\n{old_journal}");
+    match via {
+        // The running kernel has no LUO: kup says so and writes memcached's memory as image files.
+        Via::Disk => {
+            assert!(
+                old_journal.contains(
+                    "backend \"luo\" cannot be used for this update, the images go to disk"
+                ) && old_journal.contains("/dev/liveupdate is missing"),
+                "kup says why it did not keep the images in RAM"
+            );
+            assert!(
+                images >= rss / 2,
+                "the images ({images} bytes written) are on disk for a memcached of {rss_kib} KiB"
+            );
+        }
+        // LUO: the checkpoint stays in RAM; the disk sees the manifest and the journal, not the
+        // memory.
+        Via::Ram => {
+            assert!(
+                old_journal.contains("kup: kept in RAM (LUO): "),
+                "the holder preserved the images"
+            );
+            assert!(
+                images < rss / 8,
+                "only {images} bytes may reach the disk for a memcached of {rss_kib} KiB: no image bytes"
+            );
+            let claim = lab.exec("journalctl -b -o cat --no-pager -u kup-luo.service");
+            eprintln!("kup-luo.service:\n{claim}");
+            assert!(claim.contains("of LUO session kup-"), "{claim}");
+        }
+    }
+
+    assert_eq!(lab.exec("uname -r"), kernel);
+    common::assert_memcached_kept(lab, port, pid, KEYS, &format!("the update to {kernel}"));
+    assert_eq!(lab.exec("systemctl is-active redis-server"), "active");
+    assert_eq!(
+        lab.exec("systemctl show -p MainPID --value redis-server"),
+        redis_pid,
+        "redis keeps its PID across the update to {kernel}"
+    );
+    assert_eq!(
+        common::redis::verify(redis, REDIS_KEYS).unwrap(),
+        (REDIS_KEYS, 0)
+    );
+    // Every page came in (lazy restore), then the images were released: on the luo path that frees
+    // the memory the old kernel handed over, and kup-luo.service finishes the session and ends.
+    let images_dir = if via == Via::Ram {
+        "/run/kup/luo"
+    } else {
+        "/var/lib/kup/images"
+    };
+    for unit in ["memcached.service", "redis-server.service"] {
+        assert_eq!(
+            lab.exec(&format!("for i in $(seq 240); do s=$(cat /run/kup/lazy/{unit} 2>/dev/null); [ -n \"$s\" ] && break; sleep 0.5; done; echo $s")),
+            "complete",
+            "lazy restore state of {unit}"
+        );
+        assert_eq!(
+            lab.exec(&format!("for i in $(seq 40); do [ -e {images_dir}/{unit} ] || break; sleep 0.5; done; test -e {images_dir}/{unit} && echo kept || echo released")),
+            "released",
+            "{unit}'s images"
+        );
+    }
+    if via == Via::Ram {
+        for (prop, want) in [("ActiveState", "inactive"), ("Result", "success")] {
+            assert_eq!(
+                lab.exec(&format!("for i in $(seq 20); do systemctl is-active -q kup-luo.service || break; sleep 0.5; done; systemctl show -p {prop} --value kup-luo.service")),
+                want,
+                "kup-luo.service finished the session once the images were released"
+            );
+        }
+        eprintln!(
+            "{}",
+            lab.exec("journalctl -b -o short-monotonic --no-pager -u kup-luo.service -u memcached -u redis-server | grep -E 'kup:|Start' || true")
+        );
+    }
+    let cmdline = lab.exec("cat /proc/cmdline");
+    assert!(cmdline.contains(LUO_ARGS), "{cmdline}");
+    assert_eq!(
+        lab.exec("test -c /dev/liveupdate && echo char device || ls -l /dev/liveupdate 2>&1"),
+        "char device",
+        "/dev/liveupdate on {kernel}"
+    );
+    eprintln!(
+        "{}",
+        lab.exec("journalctl -b -u memcached -o cat --no-pager | grep 'restored as' || true")
+    );
+}
+
+#[test]
+#[ignore = "lab: boots QEMU guests; run through tests/run"]
+fn luo_keeps_the_checkpoint_in_ram_across_the_kexec_on_kup_kernels() {
+    let tree = common::install_tree("luo", CONFIG);
+    let debs = kup_kernels::add_kup_kernels(&tree);
+    eprintln!("kup kernels in the payload: {debs:?}");
+    let lab = Lab::new("luo");
+    let port = free_port();
+    let redis = free_port();
+    let t = Instant::now();
+    let (k, _) = up_line(&lab.boot_old_mem(&tree, port, MEM_MIB, Some(redis)));
+    eprintln!(
+        "boot of {k} with kup's package and kernels in the payload: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(k, OLD);
+
+    // Install both kernels as a kernel update would: their postinst makes the initrds (dracut, with
+    // kup's module), the ESP entries and stages them with kup.
+    let t = Instant::now();
+    let boot = lab.exec(&kup_kernels::install_kup_kernels());
+    eprintln!(
+        "dpkg -i of {KUP_72} and {KUP_73} in the guest: {:.1} s\n/boot: {}",
+        t.elapsed().as_secs_f64(),
+        boot.replace('\n', " ")
+    );
+    for v in [KUP_72, KUP_73] {
+        for f in ["vmlinuz", "initrd.img", "config"] {
+            assert!(
+                boot.lines().any(|l| l == format!("{f}-{v}")),
+                "/boot/{f}-{v} after dpkg -i: {boot}"
+            );
+        }
+    }
+    eprintln!(
+        "{}",
+        lab.exec(&format!(
+            "grep -i kup {}/dpkg.log || true; cat /run/kup/kup.d/50-staged.toml 2>/dev/null || true",
+            kup_kernels::GUEST_DIR
+        ))
+    );
+
+    assert_eq!(lab.exec(MEMCACHED_SETUP), "active");
+    assert_eq!(lab.exec(REDIS_SETUP), "active");
+    let t = Instant::now();
+    let bytes = memcached::load(port, KEYS).expect("load memcached from the host");
+    eprintln!(
+        "loaded {KEYS} keys, {} MiB of values, in {:.1} s",
+        bytes >> 20,
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(memcached::verify(port, KEYS).unwrap(), (KEYS, 0));
+    let bytes = common::redis::load(redis, REDIS_KEYS).expect("load redis from the host");
+    eprintln!(
+        "loaded {REDIS_KEYS} keys, {} MiB of values, into redis",
+        bytes >> 20
+    );
+    assert_eq!(
+        common::redis::verify(redis, REDIS_KEYS).unwrap(),
+        (REDIS_KEYS, 0)
+    );
+    let pid = lab.exec("systemctl show -p MainPID --value memcached");
+    let redis_pid = lab.exec("systemctl show -p MainPID --value redis-server");
+
+    // kup gives a target kernel that has LUO `kho=on liveupdate=on` itself (asserted in `hop`).
+    let pids = (pid.as_str(), redis_pid.as_str());
+    hop(&lab, port, pids, redis, KUP_72, "hop1", Via::Disk);
+    hop(&lab, port, pids, redis, KUP_73, "hop2", Via::Ram);
+}
