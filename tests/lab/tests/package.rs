@@ -69,6 +69,7 @@ const KUP_PATHS: &[&str] = &[
     "/usr/lib/systemd/system/kup-restore-finish.service",
     "/usr/lib/systemd/system/kup-netlock.service",
     "/usr/lib/systemd/system/kup-watchdog.service",
+    "/usr/lib/systemd/system/kup-luo.service",
     "/usr/lib/systemd/system-generators/kup-generator",
     "/usr/lib/dracut/modules.d/90kup",
     "/usr/lib/dracut/dracut.conf.d/50-kup.conf",
