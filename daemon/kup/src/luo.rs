@@ -190,14 +190,15 @@ mod sys {
         pub reserved: u32,
     }
 
-    nix::ioctl_write_ptr_bad!(create_session, nix::request_code_none!(0xBA, 0x00), Session);
-    nix::ioctl_write_ptr_bad!(
+    // The kernel reads these structs and writes their `fd` back: read-write, whatever `_IO` says.
+    nix::ioctl_readwrite_bad!(create_session, nix::request_code_none!(0xBA, 0x00), Session);
+    nix::ioctl_readwrite_bad!(
         retrieve_session,
         nix::request_code_none!(0xBA, 0x01),
         Session
     );
-    nix::ioctl_write_ptr_bad!(preserve_fd, nix::request_code_none!(0xBA, 0x40), FdArg);
-    nix::ioctl_write_ptr_bad!(retrieve_fd, nix::request_code_none!(0xBA, 0x41), FdArg);
+    nix::ioctl_readwrite_bad!(preserve_fd, nix::request_code_none!(0xBA, 0x40), FdArg);
+    nix::ioctl_readwrite_bad!(retrieve_fd, nix::request_code_none!(0xBA, 0x41), FdArg);
     nix::ioctl_write_ptr_bad!(finish, nix::request_code_none!(0xBA, 0x42), Finish);
 
     /// CREATE_SESSION (`create`) or RETRIEVE_SESSION on `/dev/liveupdate`; the session's fd.
@@ -514,7 +515,7 @@ mod tests {
         assert_eq!(size_of::<sys::Session>(), 72);
         assert_eq!(size_of::<sys::FdArg>(), 16);
         assert_eq!(size_of::<sys::Finish>(), 8);
-        assert_eq!(nix::request_code_none!(0xBA, 0x41) as u64, 0xBA41);
+        assert_eq!(nix::request_code_none!(0xBA, 0x41), 0xBA41);
     }
 
     #[test]

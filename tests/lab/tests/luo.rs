@@ -235,14 +235,7 @@ fn luo_keeps_the_checkpoint_in_ram_across_the_kexec_on_kup_kernels() {
 
     assert_eq!(lab.exec(MEMCACHED_SETUP), "active");
     assert_eq!(lab.exec(REDIS_SETUP), "active");
-    let t = Instant::now();
-    let bytes = memcached::load(port, KEYS).expect("load memcached from the host");
-    eprintln!(
-        "loaded {KEYS} keys, {} MiB of values, in {:.1} s",
-        bytes >> 20,
-        t.elapsed().as_secs_f64()
-    );
-    assert_eq!(memcached::verify(port, KEYS).unwrap(), (KEYS, 0));
+    memcached::load_checked(port, KEYS);
     let bytes = common::redis::load(redis, REDIS_KEYS).expect("load redis from the host");
     eprintln!(
         "loaded {REDIS_KEYS} keys, {} MiB of values, into redis",

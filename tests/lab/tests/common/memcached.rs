@@ -22,6 +22,20 @@ pub fn load(port: u16, n: u32) -> Result<u64, kup_bench::Error> {
     kup_bench::load_keys(port, n)
 }
 
+/// Loads keys 0..n from the host, says how much in how long, and checks every key reads back;
+/// returns the bytes of values loaded.
+pub fn load_checked(port: u16, n: u32) -> u64 {
+    let t = std::time::Instant::now();
+    let bytes = load(port, n).expect("load memcached from the host");
+    eprintln!(
+        "loaded {n} keys, {} MiB of values, in {:.1} s",
+        bytes >> 20,
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(verify(port, n).expect("read memcached back"), (n, 0));
+    bytes
+}
+
 /// Reads keys 0..n back; returns (present and identical, missing or different).
 pub fn verify(port: u16, n: u32) -> Result<(u32, u32), kup_bench::Error> {
     kup_bench::verify_keys(port, n)
