@@ -210,8 +210,17 @@ fn choose_backend(wanted: Backend, target: &mut stage::Target) -> (Backend, Opti
     if wanted == Backend::Disk {
         return (Backend::Disk, None);
     }
-    let boot = Path::new(stage::BOOT_DIR);
-    let target_ok = crate::luo::kernel_supports(boot, &target.version);
+    let target_ok = crate::luo::kernel_supports(Path::new(stage::BOOT_DIR), &target.version);
+    backend_for(target, target_ok, crate::luo::running_supports)
+}
+
+/// [`choose_backend`] for luo, given whether the target kernel has LUO and how to ask the running
+/// one.
+fn backend_for(
+    target: &mut stage::Target,
+    target_ok: Result<(), crate::luo::LuoError>,
+    running_ok: impl FnOnce() -> Result<(), crate::luo::LuoError>,
+) -> (Backend, Option<String>) {
     if target_ok.is_ok() {
         for arg in crate::luo::CMDLINE_ARGS {
             let key = arg.split('=').next().unwrap_or(arg);
@@ -225,7 +234,7 @@ fn choose_backend(wanted: Backend, target: &mut stage::Target) -> (Backend, Opti
             }
         }
     }
-    match target_ok.and_then(|()| crate::luo::running_supports()) {
+    match target_ok.and_then(|()| running_ok()) {
         Ok(()) => (Backend::Luo, None),
         Err(e) => (
             Backend::Disk,
@@ -857,6 +866,45 @@ pub(crate) fn rollback(m: &Manifest) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn luo_is_used_only_where_both_kernels_have_it_and_the_target_gets_its_arguments() {
+        use crate::luo::LuoError;
+        let target = || stage::Target {
+            version: "7.3.4-kup".into(),
+            vmlinuz: PathBuf::from("/boot/vmlinuz-7.3.4-kup"),
+            initrd: PathBuf::from("/boot/initrd.img-7.3.4-kup"),
+            cmdline: "root=/dev/vda kho=on kup.handoff=1-a".into(),
+        };
+        let mut t = target();
+        assert_eq!(backend_for(&mut t, Ok(()), || Ok(())), (Backend::Luo, None));
+        // kho=on was there already: only liveupdate=on is added.
+        assert_eq!(
+            t.cmdline,
+            "root=/dev/vda kho=on kup.handoff=1-a liveupdate=on"
+        );
+        // A stock running kernel: the disk, saying why; the target still gets the arguments, so the
+        // next update can keep memory.
+        let mut t = target();
+        let (b, note) = backend_for(&mut t, Ok(()), || Err(LuoError::NoDevice));
+        assert_eq!(b, Backend::Disk);
+        let note = note.unwrap();
+        assert!(
+            note.contains("the images go to disk") && note.contains("/dev/liveupdate"),
+            "{note}"
+        );
+        assert!(t.cmdline.ends_with("liveupdate=on"));
+        // A target without LUO: the disk, no arguments it would not know.
+        let mut t = target();
+        let missing = LuoError::KernelConfig {
+            version: "7.3.4-kup".into(),
+            missing: "CONFIG_LIVEUPDATE".into(),
+        };
+        let (b, note) = backend_for(&mut t, Err(missing), || panic!("not asked"));
+        assert_eq!(b, Backend::Disk);
+        assert!(note.unwrap().contains("CONFIG_LIVEUPDATE"));
+        assert_eq!(t.cmdline, target().cmdline);
+    }
 
     #[test]
     fn a_process_memory_counts_once_for_all_its_threads() {
