@@ -123,14 +123,7 @@ pub fn generate(early_dir: &Path) -> Result<usize, RestoreError> {
     let luo = m.backend == crate::config::Backend::Luo.as_str();
     for u in m.units.iter().filter(|u| has_images(u)) {
         let path = early_dir.join(format!("{}.d/{RESTORE_DROPIN}.conf", u.unit));
-        let mut dropin = systemd::restore_dropin(&u.unit, KUP_RESTORE);
-        if luo {
-            dropin = dropin.replacen(
-                "[Unit]\n",
-                &format!("[Unit]\nRequires={LUO_SERVICE}\nAfter={LUO_SERVICE}\n"),
-                1,
-            );
-        }
+        let dropin = systemd::restore_dropin(&u.unit, KUP_RESTORE, luo.then_some(LUO_SERVICE));
         systemd::write_dropin(&path, &dropin)?;
         link(
             "kup-restore.target.wants",
@@ -471,7 +464,7 @@ fn find_holder(unit: &str) -> Result<i32, RestoreError> {
 /// Restores `unit` on the running kernel from the handoff's images (rollback before a switch).
 pub fn restore_in_place(unit: &str) -> Result<(), RestoreError> {
     let dropin = systemd::runtime_dropin(unit, RESTORE_DROPIN);
-    systemd::write_dropin(&dropin, &systemd::restore_dropin(unit, KUP_RESTORE))?;
+    systemd::write_dropin(&dropin, &systemd::restore_dropin(unit, KUP_RESTORE, None))?;
     systemd::daemon_reload()?;
     let _ = systemd::systemctl(&["reset-failed", unit]);
     let started = systemd::systemctl(&["start", unit]);

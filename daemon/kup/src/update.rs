@@ -481,7 +481,7 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
     let n = plan.units.len() as u32;
     if plan.backend == Backend::Luo {
         if let Err(e) = crate::luo_store::mount_tmpfs(&plan.image_dir) {
-            let _ = std::fs::remove_dir_all(HANDOFF_DIR);
+            rollback(&m);
             return Err(UpdateError::Luo(e.to_string()));
         }
     }
