@@ -34,10 +34,13 @@ pub enum Scenario {
     Switch,
     /// kup with a full CRIU dump to disk and a full restore: no pre-copy, no lazy restore.
     Naive,
-    /// kup with everything on (D_kup): pre-copy (3 rounds) while serving, a short final dump, a
-    /// lazy restore (kup's lazy-pages server reads the pages from the whole image chain), kept
+    /// kup with everything on (D_kup): pre-copy (3 rounds) while serving into FOAM, a short final
+    /// dump, a lazy restore (kup's lazy-pages server reads each page at its address in FOAM), kept
     /// TCP connections.
     Kup,
+    /// `Kup` with CRIU's own images (`store = "criu"`): a chain of pages images, one per round,
+    /// instead of FOAM (the measurement behind FOAM's choice).
+    KupCriu,
     /// kup with a lazy restore and no pre-copy: the final dump copies everything under freeze.
     Lazy,
     /// kup with pre-copy (3 rounds) and an eager restore.
@@ -48,10 +51,11 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Switch,
         Scenario::Naive,
         Scenario::Kup,
+        Scenario::KupCriu,
         Scenario::Lazy,
         Scenario::PreCopy,
         Scenario::Luo,
@@ -61,7 +65,8 @@ impl Scenario {
         match self {
             Scenario::Switch => "switch (cold restart, data lost)",
             Scenario::Naive => "naive (full dump + full restore)",
-            Scenario::Kup => "kup (pre-copy + lazy restore)",
+            Scenario::Kup => "kup (pre-copy + lazy restore, FOAM)",
+            Scenario::KupCriu => "kup, CRIU's image chain instead of FOAM",
             Scenario::Lazy => "kup (lazy restore, no pre-copy)",
             Scenario::PreCopy => "kup (pre-copy + eager restore)",
             Scenario::Luo => "kup luo (pre-copy + lazy restore, images in RAM)",
@@ -73,7 +78,7 @@ impl Scenario {
             Scenario::Switch => Kind::Switch,
             Scenario::Naive => Kind::Naive,
             Scenario::Kup | Scenario::Luo => Kind::Kup,
-            Scenario::Lazy | Scenario::PreCopy => Kind::Other,
+            Scenario::KupCriu | Scenario::Lazy | Scenario::PreCopy => Kind::Other,
         }
     }
 
@@ -86,6 +91,9 @@ impl Scenario {
             }
             Scenario::Kup => {
                 "[update]\nprecopy_rounds = 3\nrestore = \"lazy\"\n\n[[unit]]\nname = \"memcached.service\"\n"
+            }
+            Scenario::KupCriu => {
+                "[update]\nprecopy_rounds = 3\nrestore = \"lazy\"\nstore = \"criu\"\n\n[[unit]]\nname = \"memcached.service\"\n"
             }
             Scenario::Lazy => {
                 "[update]\nprecopy_rounds = 0\nrestore = \"lazy\"\n\n[[unit]]\nname = \"memcached.service\"\n"
@@ -310,6 +318,7 @@ impl LabBench {
             ),
             Scenario::Naive
             | Scenario::Kup
+            | Scenario::KupCriu
             | Scenario::Lazy
             | Scenario::PreCopy
             | Scenario::Luo => {
@@ -441,5 +450,11 @@ mod tests {
         );
         assert_eq!(Scenario::Luo.kind(), Kind::Kup);
         assert!(!Scenario::Kup.config().contains("backend"));
+        assert_eq!(
+            Scenario::KupCriu.config(),
+            Scenario::Kup
+                .config()
+                .replace("lazy\"\n", "lazy\"\nstore = \"criu\"\n")
+        );
     }
 }

@@ -261,6 +261,7 @@ fn main() -> anyhow::Result<()> {
                     "switch" => Ok(Scenario::Switch),
                     "naive" => Ok(Scenario::Naive),
                     "kup" => Ok(Scenario::Kup),
+                    "kup-criu" => Ok(Scenario::KupCriu),
                     "lazy" => Ok(Scenario::Lazy),
                     "precopy" => Ok(Scenario::PreCopy),
                     "luo" if !kup_kernels => {
@@ -269,7 +270,7 @@ fn main() -> anyhow::Result<()> {
                     "luo" => Ok(Scenario::Luo),
                     other => {
                         bail!(
-                            "unknown scenario {other:?}; use switch, naive, kup, lazy, precopy or luo"
+                            "unknown scenario {other:?}; use switch, naive, kup, kup-criu, lazy, precopy or luo"
                         )
                     }
                 })

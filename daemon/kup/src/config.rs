@@ -13,6 +13,7 @@
 //! image_dir = "/var/lib/kup/images"
 //! extra_cmdline = ""                      # appended to the new kernel's command line
 //! precopy_rounds = 0                      # 0..=16
+//! store = "auto"                          # memory images: "foam", "criu" or "auto" (foam for lazy restores on disk)
 //! restore = "eager"                       # or "lazy": resume first, pages arrive on demand
 //! auto = "off"                            # after a kernel install: "off", "timer" or "now"
 //! health_timeout = 60                     # seconds a unit's health command may take
@@ -189,6 +190,45 @@ impl std::str::FromStr for Backend {
     }
 }
 
+/// The form a unit's memory takes in its checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Store {
+    /// FOAM for a lazy restore on the disk backend, CRIU's images otherwise.
+    #[default]
+    Auto,
+    /// FOAM (`crate::foam`): one file per process, file offset = virtual address; pre-copy rounds
+    /// overwrite it in place. An eager restore first copies the pages into CRIU's pages files.
+    Foam,
+    /// CRIU's own pagemap and pages images, one set per pre-copy round, chained to the previous.
+    Criu,
+}
+
+impl Store {
+    /// The name used in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Store::Auto => "auto",
+            Store::Foam => "foam",
+            Store::Criu => "criu",
+        }
+    }
+}
+
+impl std::str::FromStr for Store {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Store::Auto),
+            "foam" => Ok(Store::Foam),
+            "criu" => Ok(Store::Criu),
+            other => Err(format!(
+                "unknown store {other:?}; use \"foam\" (one file per process, offset = address), \"criu\" (CRIU's own images) or \"auto\""
+            )),
+        }
+    }
+}
+
 /// How the next kernel brings a unit's memory back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -213,6 +253,8 @@ pub struct UpdateSettings {
     pub extra_cmdline: String,
     /// CRIU pre-dump rounds before the final dump, `0..=16`.
     pub precopy_rounds: u8,
+    /// The form of the memory images.
+    pub store: Store,
     pub restore: RestoreMode,
     /// What happens after a kernel package installs a kernel (`auto`; see [`crate::install`]).
     pub auto: crate::install::Auto,
@@ -237,6 +279,7 @@ impl Default for UpdateSettings {
             image_dir: PathBuf::from(DEFAULT_IMAGE_DIR),
             extra_cmdline: String::new(),
             precopy_rounds: 0,
+            store: Store::Auto,
             restore: RestoreMode::Eager,
             auto: crate::install::Auto::Off,
             health_timeout: DEFAULT_HEALTH_TIMEOUT,
@@ -292,6 +335,8 @@ pub struct UpdateFragment {
     pub extra_cmdline: Option<String>,
     #[serde(default, deserialize_with = "de_precopy_rounds")]
     pub precopy_rounds: Option<u8>,
+    #[serde(default, deserialize_with = "de_store")]
+    pub store: Option<Store>,
     #[serde(default, deserialize_with = "de_restore")]
     pub restore: Option<RestoreMode>,
     #[serde(default, deserialize_with = "de_auto")]
@@ -351,6 +396,9 @@ impl Settings {
         }
         if let Some(rounds) = u.precopy_rounds {
             self.update.precopy_rounds = rounds;
+        }
+        if let Some(store) = u.store {
+            self.update.store = store;
         }
         if let Some(mode) = u.restore {
             self.update.restore = mode;
@@ -485,6 +533,11 @@ fn de_kernel<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, 
 }
 
 fn de_backend<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Backend>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+fn de_store<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Store>, D::Error> {
     let s = String::deserialize(d)?;
     s.parse().map(Some).map_err(serde::de::Error::custom)
 }
@@ -769,6 +822,17 @@ name = "redis-server.service"
         let c = "[[unit]]\nname = \"memcached.service\"\n";
         let s = Settings::from_texts([(p("a.toml"), a), (p("c.toml"), c)]).unwrap();
         assert_eq!(s.units[0].health, None);
+    }
+
+    #[test]
+    fn store_parses_and_names_the_choices() {
+        let s = Settings::from_texts([(p("s.toml"), "[update]\nstore = \"criu\"\n")]).unwrap();
+        assert_eq!(s.update.store, Store::Criu);
+        assert_eq!(Settings::default().update.store, Store::Auto);
+        let err = parse_fragment(p("s.toml"), "[update]\nstore = \"tape\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("unknown store \"tape\""), "{msg}");
+        assert!(msg.contains("\"foam\""), "{msg}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! sandbox's mounts as its own and never dumps the namespace; at restore, systemd has built a fresh
 //! sandbox for the unit and CRIU restores into it (see docs/ARCHITECTURE.md, "restore").
 
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::Command;
 
@@ -36,6 +37,14 @@ pub enum CriuError {
         status: String,
         log: String,
         tail: String,
+    },
+    #[error(
+        "the checkpoint of {what} failed in kup's page server, which writes its memory into FOAM ({reason}); CRIU: {criu}"
+    )]
+    PageServer {
+        what: String,
+        reason: String,
+        criu: String,
     },
     #[error("cannot read /proc/{pid}: {source} (did the process exit?)")]
     Proc { pid: i32, source: std::io::Error },
@@ -178,15 +187,24 @@ impl Action {
 }
 
 /// The RPC request (CRIU's rpc.proto) for `action`; `images_dir_fd` is the image directory as CRIU
-/// will see it; `parent` is the previous pre-dump's directory, relative to the image directory.
+/// will see it; `parent` is the previous pre-dump's directory, relative to the image directory;
+/// `page_server_fd`, a socket of kup's page server CRIU inherits (dumps into FOAM).
 pub fn request(
     action: Action,
     pid: i32,
     images_dir_fd: i32,
     stdio: &Stdio,
     parent: Option<&str>,
+    page_server_fd: Option<i32>,
 ) -> rpc::Criu_req {
     let mut o = rpc::Criu_opts::new();
+    // The pages go to kup's page server (FOAM, `crate::page_server`) on this inherited socket
+    // instead of CRIU's pages images.
+    if let Some(fd) = page_server_fd {
+        let mut ps = rpc::Criu_page_server_info::new();
+        ps.set_fd(fd);
+        o.ps = protobuf::MessageField::some(ps);
+    }
     o.set_images_dir_fd(images_dir_fd);
     o.set_log_file(format!("{}.log", action.name()));
     o.set_log_level(4);
@@ -246,12 +264,13 @@ pub fn request(
 pub const CRIU: &str = "/usr/sbin/criu";
 
 /// Copies the memory of the tree at `pid` into `images` while it keeps running (only what changed
-/// since `parent`, when given).
+/// since `parent`, when given), or to the page server on `page_server` (FOAM).
 pub fn pre_dump(
     pid: i32,
     images: &Path,
     parent: Option<&str>,
     what: &str,
+    page_server: Option<OwnedFd>,
 ) -> Result<(), CriuError> {
     Call {
         ns_pid: pid,
@@ -261,13 +280,15 @@ pub fn pre_dump(
         stdio: &Stdio::default(),
         parent,
         what,
+        page_server,
     }
     .run(&mut |_| true)
     .map(|_| ())
 }
 
 /// Dumps the tree at `pid` into `images` (only the pages changed since `parent`, when given),
-/// running CRIU inside the tree's mount and UTS namespaces. The tree is gone afterwards;
+/// running CRIU inside the tree's mount and UTS namespaces; the pages go to the page server on
+/// `page_server` when given (FOAM). The tree is gone afterwards;
 /// `post_dump` runs while it is dumped but still there, frozen: when it refuses (e.g. the images
 /// fail their check), the dump fails and CRIU resumes the tree, which keeps running.
 pub fn dump(
@@ -276,6 +297,7 @@ pub fn dump(
     stdio: &Stdio,
     parent: Option<&str>,
     what: &str,
+    page_server: Option<OwnedFd>,
     post_dump: &mut dyn FnMut() -> Result<(), String>,
 ) -> Result<(), CriuError> {
     let mut refused = None;
@@ -299,6 +321,7 @@ pub fn dump(
         stdio,
         parent,
         what,
+        page_server,
     }
     .run(&mut on_notify)
     .map(|_| ());
@@ -322,6 +345,7 @@ pub fn trial_dump(pid: i32, images: &Path, stdio: &Stdio, what: &str) -> Result<
         stdio,
         parent: None,
         what,
+        page_server: None,
     }
     .run(&mut |_| true)
     .map(|_| ())
@@ -354,6 +378,7 @@ pub fn restore(
         stdio: &stdio,
         parent: None,
         what,
+        page_server: None,
     }
     .run(&mut |_| true)?;
     Ok(resp.restore.pid())
@@ -398,10 +423,12 @@ struct Call<'a> {
     parent: Option<&'a str>,
     /// The unit, for messages.
     what: &'a str,
+    /// kup's page-server socket CRIU sends the pages to (FOAM); closed here once CRIU has it.
+    page_server: Option<OwnedFd>,
 }
 
 impl Call<'_> {
-    fn run(&self, on_notify: &mut dyn FnMut(&str) -> bool) -> Result<rpc::Criu_resp, CriuError> {
+    fn run(self, on_notify: &mut dyn FnMut(&str) -> bool) -> Result<rpc::Criu_resp, CriuError> {
         let Call {
             ns_pid,
             action,
@@ -410,7 +437,8 @@ impl Call<'_> {
             stdio,
             parent,
             what,
-        } = *self;
+            page_server,
+        } = self;
         use nix::sys::socket::{
             AddressFamily, MsgFlags, SockFlag, SockType, recv, send, socketpair,
         };
@@ -444,6 +472,10 @@ impl Call<'_> {
         nix::fcntl::fcntl(&criu, inherit()).map_err(sys("fcntl"))?;
         nix::fcntl::fcntl(&dir, inherit()).map_err(sys("fcntl"))?;
         nix::fcntl::fcntl(&theirs, inherit()).map_err(sys("fcntl"))?;
+        if let Some(ps) = &page_server {
+            nix::fcntl::fcntl(ps, inherit()).map_err(sys("fcntl"))?;
+        }
+        let ps_fd = page_server.as_ref().map(AsRawFd::as_raw_fd);
         let dir_fd = dir.as_raw_fd();
         let mut child = Command::new("nsenter")
             .args([
@@ -462,7 +494,8 @@ impl Call<'_> {
                 source,
             })?;
         // CRIU opens the image directory as /proc/<our pid>/fd/<dir_fd>: `dir` stays open until it answers.
-        drop((criu, theirs));
+        // The page server sees the end of the stream once CRIU, its only other holder, is gone.
+        drop((criu, theirs, page_server));
         // Fault tests: CRIU killed in the middle of its work (see `failpoints::criu_kill`).
         #[cfg(feature = "failpoints")]
         let kill_at = crate::failpoints::criu_kill(action.name(), pid, child.id());
@@ -476,7 +509,7 @@ impl Call<'_> {
                 tail: format!("{reason}\n{}", log_errors(&log)),
             }
         };
-        let req = request(action, pid, dir_fd, stdio, parent);
+        let req = request(action, pid, dir_fd, stdio, parent, ps_fd);
         let bytes = req
             .write_to_bytes()
             .map_err(|e| fail(format!("encoding the request: {e}")))?;
@@ -616,7 +649,7 @@ mod tests {
             ),
             (1, StdioFd::Socket(7)),
         ]);
-        let d = request(Action::Dump, 42, 9, &s, None);
+        let d = request(Action::Dump, 42, 9, &s, None, None);
         assert_eq!(d.type_(), rpc::Criu_req_type::DUMP);
         assert_eq!(d.opts.pid(), 42);
         assert_eq!(d.opts.images_dir_fd(), 9);
@@ -628,11 +661,11 @@ mod tests {
             d.opts.network_lock(),
             rpc::Criu_network_lock_method::NFTABLES
         );
-        let r = request(Action::Restore, 0, 9, &s, None);
+        let r = request(Action::Restore, 0, 9, &s, None, None);
         assert_eq!(r.type_(), rpc::Criu_req_type::RESTORE);
         assert!(!r.opts.lazy_pages());
         assert!(
-            request(Action::LazyRestore, 0, 9, &s, None)
+            request(Action::LazyRestore, 0, 9, &s, None, None)
                 .opts
                 .lazy_pages()
         );
@@ -649,19 +682,38 @@ mod tests {
 
     #[test]
     fn pre_copy_chains_each_round_to_the_previous_one() {
-        let p = request(Action::PreDump, 42, 9, &Stdio::default(), Some("pre-1"));
+        let p = request(
+            Action::PreDump,
+            42,
+            9,
+            &Stdio::default(),
+            Some("pre-1"),
+            None,
+        );
         assert_eq!(p.type_(), rpc::Criu_req_type::PRE_DUMP);
         assert!(p.opts.track_mem());
         assert_eq!(p.opts.parent_img(), "pre-1");
         assert_eq!(p.opts.log_file(), "pre-dump.log");
-        let d = request(Action::Dump, 42, 9, &Stdio::default(), Some("pre-2"));
+        let d = request(Action::Dump, 42, 9, &Stdio::default(), Some("pre-2"), None);
         assert!(d.opts.track_mem());
         assert_eq!(d.opts.parent_img(), "pre-2");
         assert!(
-            !request(Action::Dump, 42, 9, &Stdio::default(), None)
+            !request(Action::Dump, 42, 9, &Stdio::default(), None, None)
                 .opts
                 .track_mem()
         );
+        // Into FOAM: the pages go to kup's page server on an inherited socket.
+        assert!(d.opts.ps.is_none());
+        let f = request(
+            Action::Dump,
+            42,
+            9,
+            &Stdio::default(),
+            Some("pre-2"),
+            Some(11),
+        );
+        assert_eq!(f.opts.ps.fd(), 11);
+        assert_eq!(f.opts.parent_img(), "pre-2");
     }
 
     #[test]

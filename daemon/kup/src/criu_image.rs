@@ -4,7 +4,8 @@
 //! images after its dump, before the kernel switch, and again before the restore (an `fsck` of the
 //! image store). The same chain is indexed for kup's lazy-pages server ([`process_pages`]: where each
 //! page's data is, which pages are lazy), and a dump restored lazily after pre-copy gets `PE_LAZY`
-//! on the pages it left in its parents ([`mark_parent_pages_lazy`]). [`parse`], [`parse_vmas`],
+//! on the pages it left in its parents ([`mark_parent_pages_lazy`]). A dump into FOAM
+//! ([`crate::foam`]) is checked and indexed the same way, its data read from FOAM. [`parse`], [`parse_vmas`],
 //! [`locate`], [`lazy_ranges`], [`with_parent_laziness`], [`render`] and [`check_pagemaps`] are pure;
 //! [`check`], [`process_pages`] and [`mark_parent_pages_lazy`] read the files.
 
@@ -29,6 +30,8 @@ const PAGE: u64 = 4096;
 pub enum ImageError {
     #[error("{path} is not a CRIU pagemap image ({reason}); the images are damaged: dump again")]
     Format { path: String, reason: String },
+    #[error(transparent)]
+    Foam(#[from] crate::foam::FoamError),
     #[error("cannot {op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -341,6 +344,16 @@ pub fn process_pages(images: &Path, pid: i32) -> Result<ProcessPages, ImageError
         .first()
         .map(|(_, pm)| lazy_ranges(&pm.entries, &vmas))
         .unwrap_or_default();
+    // A dump into FOAM: the data is at each page's own address there, not in the pages file.
+    if let Some((pages_files, extents)) =
+        crate::foam::process_extents(images, pid, &chain[0].1.entries)?
+    {
+        return Ok(ProcessPages {
+            pages_files,
+            extents,
+            lazy,
+        });
+    }
     Ok(ProcessPages {
         pages_files: chain
             .iter()
@@ -534,6 +547,10 @@ pub fn check(images: &Path) -> Result<ImageStats, ImageError> {
     }
     if stats.pagemaps == 0 {
         return Err(bad("no pagemap-*.img".into()));
+    }
+    // A dump into FOAM: its files must hold exactly the pages the pagemaps list.
+    if images.join(crate::foam::DIR).is_dir() {
+        crate::foam::check(images)?;
     }
     Ok(stats)
 }

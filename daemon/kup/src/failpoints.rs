@@ -129,8 +129,12 @@ fn traced_by(tracer: u32) -> Vec<i32> {
         .collect()
 }
 
-/// Cuts the largest `pages-*.img` of a checkpoint one page short, as a failing disk would leave it.
+/// Damages a checkpoint as a failing disk would: the last page of the largest process's memory in
+/// FOAM is lost (punched out), or, without FOAM, the largest `pages-*.img` is cut one page short.
 pub fn truncate_pages(images: &Path) {
+    if lose_foam_page(images) {
+        return;
+    }
     let largest = std::fs::read_dir(images).ok().and_then(|es| {
         es.flatten()
             .filter(|e| e.file_name().to_string_lossy().starts_with("pages-"))
@@ -142,6 +146,38 @@ pub fn truncate_pages(images: &Path) {
             let _ = f.set_len(len.saturating_sub(4096));
         }
     }
+}
+
+/// Punches out the last stored page of the FOAM pagemap holding the most data; false without FOAM.
+fn lose_foam_page(images: &Path) -> bool {
+    use crate::foam;
+    let Ok(dirs) = std::fs::read_dir(images.join(foam::DIR)) else {
+        return false;
+    };
+    let largest = dirs
+        .flatten()
+        .filter_map(|d| {
+            let ranges = foam::data_ranges(&d.path()).ok()?;
+            let bytes: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+            Some((bytes, d.path(), ranges.last().copied()?))
+        })
+        .max();
+    let Some((_, dir, (_, end))) = largest else {
+        return false;
+    };
+    let (slice, offset) = foam::place(end - 4096);
+    let path = dir.join(foam::slice_name(slice));
+    let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) else {
+        return false;
+    };
+    use nix::fcntl::{FallocateFlags, fallocate};
+    fallocate(
+        &f,
+        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        offset as i64,
+        4096,
+    )
+    .is_ok()
 }
 
 #[cfg(test)]

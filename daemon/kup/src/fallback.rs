@@ -289,7 +289,7 @@ pub fn fall_back(m: &Manifest, failures: &[UnitFailure]) -> Result<String, Fallb
     for u in &running {
         // Beside the images they were restored from, which a lazy server may still be releasing.
         let images = image_dir.join(format!("{}.fallback", u.unit));
-        let mut img = match update::dump_unit(&u.unit, &images, None).map(|(img, _)| img) {
+        let mut img = match update::dump_unit(&u.unit, &images, None, None).map(|(img, _)| img) {
             Ok(img) => img,
             Err(e) => {
                 back_here(&next);

@@ -9,6 +9,7 @@ pub mod dryrun;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
 pub mod fallback;
+pub mod foam;
 pub mod initrd;
 pub mod install;
 pub mod kexec;
@@ -18,6 +19,7 @@ pub mod luo;
 pub mod luo_store;
 pub mod manifest;
 pub mod nft;
+pub mod page_server;
 pub mod restore;
 pub mod stage;
 pub mod systemd;

@@ -237,11 +237,16 @@ fn restore_unit(unit: &str) -> Result<Restored, RestoreError> {
     let images = PathBuf::from(&u.images);
     let t = Instant::now();
     crate::criu_image::check(&images)?;
+    let lazy = m.restore == RestoreMode::Lazy;
+    // An eager restore of a dump into FOAM: CRIU reads every page itself, from its pages files
+    // (counted with the check).
+    if !lazy && images.join(crate::foam::DIR).is_dir() {
+        crate::foam::fill_pages_files(&images).map_err(crate::criu_image::ImageError::from)?;
+    }
     steps.check = t.elapsed().as_secs_f64();
     // Everything that does not need the network comes before the wait for it: the lazy-pages
     // server starts and CRIU probes the kernel (`warm_probe` above, cached in /run for the
     // restore's own CRIU) while the boot is still configuring the addresses.
-    let lazy = m.restore == RestoreMode::Lazy;
     if lazy {
         let t = Instant::now();
         start_lazy_pages(unit)?;

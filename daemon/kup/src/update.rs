@@ -94,6 +94,13 @@ pub enum UpdateError {
     Systemd(#[from] systemd::SystemdError),
     #[error("{0}; every unit was restored and keeps running on this kernel")]
     Switch(kexec::KexecError),
+    #[error(
+        "the FOAM image store of {unit} cannot be set up ({source}); every unit was left running: check the disk under image_dir, or set store = \"criu\" in /etc/kup/kup.toml"
+    )]
+    Foam {
+        unit: String,
+        source: crate::foam::FoamError,
+    },
     #[error(transparent)]
     Io(#[from] crate::IoError),
 }
@@ -123,6 +130,8 @@ pub struct Plan {
     pub backend_note: Option<String>,
     /// Pre-copy rounds before the final dump (0 = none).
     pub precopy_rounds: u8,
+    /// The form of the memory images: `Foam` or `Criu` (never `Auto`, see [`store_for`]).
+    pub store: crate::config::Store,
     /// How the next kernel brings the memory back.
     pub restore: crate::config::RestoreMode,
     /// What the new kernel checks before it is blessed.
@@ -193,6 +202,7 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
         backend,
         backend_note,
         precopy_rounds: settings.update.precopy_rounds,
+        store: store_for(settings.update.store, backend, settings.update.restore),
         restore: settings.update.restore,
         checks: manifest::Checks {
             health_timeout: settings.update.health_timeout,
@@ -201,6 +211,30 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
             make_default: settings.update.make_default,
         },
     })
+}
+
+/// The form of the memory images: FOAM where asked for, or (`auto`) for a lazy restore, which reads
+/// it page by page at the faulting address; CRIU's images otherwise, and always on the luo backend
+/// (LUO allocates every hole of a file it preserves: a sparse FOAM file would fill the RAM).
+pub fn store_for(
+    wanted: crate::config::Store,
+    backend: Backend,
+    restore: crate::config::RestoreMode,
+) -> crate::config::Store {
+    use crate::config::{RestoreMode, Store};
+    match (wanted, backend) {
+        (Store::Foam, Backend::Luo) => {
+            tracing::warn!(
+                kup_phase = "preflight",
+                "kup: store \"foam\" cannot be used with the luo backend (LUO would allocate every hole of its sparse files); CRIU's images are used"
+            );
+            Store::Criu
+        }
+        (_, Backend::Luo) => Store::Criu,
+        (Store::Auto, Backend::Disk) if restore == RestoreMode::Lazy => Store::Foam,
+        (Store::Auto, Backend::Disk) => Store::Criu,
+        (s, Backend::Disk) => s,
+    }
 }
 
 /// The backend this update uses: luo where it was asked for and both kernels have LUO, else disk
@@ -495,28 +529,61 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
     // Pre-copy: every unit's memory goes to disk while all of them keep serving; the final dumps
     // below then write only what changed since.
     let mut parents = Vec::new();
+    let mut memories = Vec::new();
     for (i, unit) in plan.units.iter().enumerate() {
         if plan.precopy_rounds > 0 {
             progress("pre-copy", 5 + 30 * i as u32 / n);
         }
-        parents.push(precopy(&unit.name, &plan.image_dir, plan.precopy_rounds));
+        let images = plan.image_dir.join(&unit.name);
+        let _ = std::fs::remove_dir_all(&images);
+        let mut memory = match plan.store {
+            crate::config::Store::Foam => {
+                match crate::page_server::Memory::create(&images.join(crate::foam::DIR)) {
+                    Ok(m) => Some(m),
+                    Err(source) => {
+                        kexec::unload();
+                        rollback(&m);
+                        return Err(UpdateError::Foam {
+                            unit: unit.name.clone(),
+                            source,
+                        });
+                    }
+                }
+            }
+            _ => None,
+        };
+        parents.push(precopy(
+            &unit.name,
+            &images,
+            plan.precopy_rounds,
+            memory.as_mut(),
+        ));
+        memories.push(memory);
     }
     // When the first final dump froze its unit: the downtime begins there.
     let mut frozen = None;
     for (i, unit) in plan.units.iter().enumerate() {
         progress("dump", 40 + 40 * i as u32 / n);
         let images = plan.image_dir.join(&unit.name);
-        let recorded =
-            dump_unit(&unit.name, &images, parents[i].as_deref()).and_then(|(mut img, began)| {
-                frozen.get_or_insert(began);
-                if plan.restore == crate::config::RestoreMode::Lazy && parents[i].is_some() {
-                    mark_precopied_lazy(&unit.name, &images);
-                }
-                img.health.clone_from(&unit.health);
-                m.units.push(img);
-                manifest::write_atomic(handoff, &m)?;
-                write_boot_files(&m)
-            });
+        let recorded = dump_unit(
+            &unit.name,
+            &images,
+            parents[i].as_deref(),
+            memories[i].as_mut(),
+        )
+        .and_then(|(mut img, began)| {
+            frozen.get_or_insert(began);
+            if plan.restore == crate::config::RestoreMode::Lazy
+                && parents[i].is_some()
+                && memories[i].is_none()
+            {
+                mark_precopied_lazy(&unit.name, &images);
+            }
+            img.health.clone_from(&unit.health);
+            m.units.push(img);
+            manifest::write_atomic(handoff, &m)?;
+            write_boot_files(&m)
+        });
         // Nothing switched: every unit dumped so far (this one too, once in the manifest) comes
         // back in place.
         if let Err(e) = recorded {
@@ -608,14 +675,18 @@ pub(crate) fn write_boot_files(m: &Manifest) -> Result<(), UpdateError> {
     Ok(())
 }
 
-/// Pre-dumps `unit` into `image_dir/UNIT/pre-K` up to `rounds` times, stopping early when a round
-/// writes no less than the one before (the service dirties memory as fast as it is copied). Returns
-/// the last round's directory relative to the unit's image directory, for the final dump; `None` when
-/// there is none (no rounds, or the first failed: the final dump then copies everything).
-fn precopy(unit: &str, image_dir: &Path, rounds: u8) -> Option<String> {
+/// Pre-dumps `unit` into `images/pre-K` up to `rounds` times (the pages into `memory`, FOAM, when
+/// given), stopping early when a round copies no less than the one before (the service dirties
+/// memory as fast as it is copied). Returns the last round's directory relative to `images`, for
+/// the final dump; `None` when there is none (no rounds, or one failed: the final dump then copies
+/// everything, since a CRIU that died after resetting the dirty bits leaves no round to trust).
+fn precopy(
+    unit: &str,
+    images: &Path,
+    rounds: u8,
+    mut memory: Option<&mut crate::page_server::Memory>,
+) -> Option<String> {
     let pid = systemd::main_pid(unit).ok().flatten()?;
-    let images = image_dir.join(unit);
-    let _ = std::fs::remove_dir_all(&images);
     let mut last: Option<(String, u64)> = None;
     for round in 1..=rounds {
         let name = format!("pre-{round}");
@@ -632,7 +703,25 @@ fn precopy(unit: &str, image_dir: &Path, rounds: u8) -> Option<String> {
         }
         let t = std::time::Instant::now();
         let tables = crate::nft::criu_tables();
-        if let Err(e) = criu::pre_dump(pid, &dir, parent.as_deref(), unit) {
+        let (done, served) = match memory.as_deref_mut() {
+            Some(mem) => {
+                let (done, served) = into_foam(mem, None, |ps| {
+                    criu::pre_dump(pid, &dir, parent.as_deref(), unit, ps)
+                });
+                (done, Some(served))
+            }
+            None => (
+                criu::pre_dump(pid, &dir, parent.as_deref(), unit, None),
+                None,
+            ),
+        };
+        let failure = match (done, &served) {
+            (Err(e), Some(Err(se))) => Some(format!("{e}; kup's page server: {se}")),
+            (Err(e), _) => Some(e.to_string()),
+            (Ok(()), Some(Err(se))) => Some(format!("kup's page server: {se}")),
+            (Ok(()), _) => None,
+        };
+        if let Some(e) = failure {
             let pids = criu::tree_pids(pid).unwrap_or_else(|_| vec![pid]);
             let let_go = let_go(unit, &pids, &tables);
             let _ = std::fs::remove_dir_all(&dir);
@@ -640,11 +729,14 @@ fn precopy(unit: &str, image_dir: &Path, rounds: u8) -> Option<String> {
                 unit,
                 kup_phase = "pre-copy",
                 round,
-                "pre-copy round failed ({let_go}), the final dump copies from the last good round: {e}"
+                "pre-copy round failed ({let_go}), the final dump copies everything: {e}"
             );
-            break;
+            return None;
         }
-        let bytes = dir_bytes(&dir);
+        let bytes = match served {
+            Some(Ok(stats)) => stats.bytes,
+            _ => dir_bytes(&dir),
+        };
         tracing::info!(
             unit,
             kup_phase = "pre-copy",
@@ -662,6 +754,47 @@ fn precopy(unit: &str, image_dir: &Path, rounds: u8) -> Option<String> {
         }
     }
     last.map(|(name, _)| name)
+}
+
+/// Runs `call`, a CRIU run given the page-server socket, while kup serves it into `memory` (FOAM);
+/// with `images`, the restore's pagemaps are written there once CRIU has sent everything. Returns
+/// both outcomes.
+pub(crate) fn into_foam<T>(
+    memory: &mut crate::page_server::Memory,
+    images: Option<&Path>,
+    call: impl FnOnce(Option<std::os::fd::OwnedFd>) -> Result<T, criu::CriuError>,
+) -> (
+    Result<T, criu::CriuError>,
+    Result<crate::page_server::RunStats, crate::page_server::PageServerError>,
+) {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let (ours, theirs) = match socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    ) {
+        Ok(pair) => pair,
+        Err(e) => {
+            let e = std::io::Error::from(e);
+            let spawn = criu::CriuError::Spawn {
+                program: "socketpair (kup's page server)".into(),
+                source: std::io::Error::new(e.kind(), e.to_string()),
+            };
+            return (Err(spawn), Err(e.into()));
+        }
+    };
+    std::thread::scope(|s| {
+        let server = s.spawn(move || memory.serve(ours, images));
+        // `call` hands CRIU its end and closes ours: the server sees the end when CRIU is gone.
+        let done = call(Some(theirs));
+        let served = server.join().unwrap_or_else(|_| {
+            Err(crate::page_server::PageServerError::Protocol(
+                "the page server stopped (panic)".into(),
+            ))
+        });
+        (done, served)
+    })
 }
 
 /// Bytes in the files of a directory (the pages a pre-dump wrote).
@@ -699,18 +832,20 @@ fn mark_precopied_lazy(unit: &str, images: &Path) {
 }
 
 /// Checkpoints one unit: its process tree stops and is written to `images` (only what changed
-/// since the pre-copy round `parent`, a directory relative to `images`, when given).
+/// since the pre-copy round `parent`, a directory relative to `images`, when given), its memory
+/// into `memory` (FOAM in `images`) when given.
 pub(crate) fn dump_unit(
     unit: &str,
     images: &Path,
     parent: Option<&str>,
+    memory: Option<&mut crate::page_server::Memory>,
 ) -> Result<(UnitImage, std::time::Instant), UpdateError> {
     let pid = systemd::main_pid(unit)?.ok_or_else(|| UpdateError::Refused {
         unit: unit.to_owned(),
         reason: "it stopped before its checkpoint".into(),
         fix: format!("systemctl start {unit} and update again"),
     })?;
-    if parent.is_none() && images.exists() {
+    if parent.is_none() && memory.is_none() && images.exists() {
         std::fs::remove_dir_all(images)
             .map_err(io(format!("removing old images {}", images.display())))?;
     }
@@ -732,13 +867,46 @@ pub(crate) fn dump_unit(
     // The images are checked then too: a checkpoint that is not whole fails the dump, and CRIU
     // resumes the tree instead of killing it.
     let mut tcp = Vec::new();
-    if let Err(e) = criu::dump(pid, images, &stdio, parent, unit, &mut || {
+    let mut post_dump = || {
         tcp = crate::tcp::established(&pids);
         check_images(unit, images).map_err(|e| match e {
             UpdateError::Images { source, .. } => format!("its images are not whole: {source}"),
             other => other.to_string(),
         })
-    }) {
+    };
+    let dumped = match memory {
+        None => criu::dump(pid, images, &stdio, parent, unit, None, &mut post_dump),
+        Some(mem) => {
+            let (done, served) = into_foam(mem, Some(images), |ps| {
+                criu::dump(pid, images, &stdio, parent, unit, ps, &mut post_dump)
+            });
+            match (done, served) {
+                (Err(e), Err(se)) => Err(criu::CriuError::PageServer {
+                    what: unit.to_owned(),
+                    reason: se.to_string(),
+                    criu: e.to_string(),
+                }),
+                (Ok(()), Err(se)) => {
+                    // CRIU finished and the images passed their check: only the last answer was lost.
+                    tracing::warn!(unit, kup_phase = "dump", "kup: page server: {se}");
+                    Ok(())
+                }
+                (done, Ok(stats)) => {
+                    if done.is_ok() {
+                        tracing::info!(
+                            unit,
+                            kup_phase = "dump",
+                            "kup: final dump of {unit} into FOAM: {} MiB copied, {} MiB unchanged since pre-copy",
+                            stats.bytes >> 20,
+                            stats.parent_bytes >> 20
+                        );
+                    }
+                    done
+                }
+            }
+        }
+    };
+    if let Err(e) = dumped {
         let unfreeze = || {
             let _ = std::fs::remove_file(systemd::runtime_dropin(unit, NO_RESTART));
             let _ = systemd::daemon_reload();
@@ -904,6 +1072,18 @@ mod tests {
         assert_eq!(b, Backend::Disk);
         assert!(note.unwrap().contains("CONFIG_LIVEUPDATE"));
         assert_eq!(t.cmdline, target().cmdline);
+    }
+
+    #[test]
+    fn foam_is_used_for_lazy_restores_on_disk_and_never_on_luo() {
+        use crate::config::{RestoreMode::*, Store::*};
+        assert_eq!(store_for(Auto, Backend::Disk, Lazy), Foam);
+        assert_eq!(store_for(Auto, Backend::Disk, Eager), Criu);
+        assert_eq!(store_for(Foam, Backend::Disk, Eager), Foam);
+        assert_eq!(store_for(Criu, Backend::Disk, Lazy), Criu);
+        // LUO allocates every hole of a preserved file: a sparse FOAM file would fill the RAM.
+        assert_eq!(store_for(Foam, Backend::Luo, Lazy), Criu);
+        assert_eq!(store_for(Auto, Backend::Luo, Lazy), Criu);
     }
 
     #[test]

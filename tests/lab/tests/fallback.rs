@@ -168,7 +168,11 @@ fn check_resumed(lab: &Lab, port: u16, pid: &str, kept: &mut memcached::Kept) {
 #[test]
 #[ignore = "lab: boots QEMU guests; run through tests/run"]
 fn a_boot_kup_did_not_make_restores_the_unfinished_handoff() {
-    let tree = common::install_tree("resume", EAGER);
+    // The memory in FOAM: what a power cut leaves must restore from it, and a damaged FOAM file
+    // must fail the image check.
+    let config = EAGER.replace("grace = 3\n", "grace = 3\nstore = \"foam\"\n");
+    assert!(config.contains("store = \"foam\""));
+    let tree = common::install_tree("resume", &config);
     let lab = Lab::new("resume");
     let port = free_port();
     lab.boot_old(&tree, port);
@@ -189,13 +193,17 @@ fn a_boot_kup_did_not_make_restores_the_unfinished_handoff() {
     assert_eq!(kernel, NEW);
     assert_eq!(lab.exec("systemctl show -p MainPID --value memcached"), pid);
 
-    // Row "image corrupted before the switch": the first update from NEW finds memcached's fresh
-    // checkpoint one page short (a failpoint cuts it) while CRIU still holds the tree; the dump
-    // fails, CRIU resumes memcached, and nothing is switched.
+    // Row "image corrupted before the switch": the first update from NEW finds a page of
+    // memcached's fresh checkpoint lost from FOAM (a failpoint punches it out) while CRIU still
+    // holds the tree; the dump fails, CRIU resumes memcached, and nothing is switched.
     let (code, out, err) = lab.try_exec(&format!("kupctl update --kernel {OLD}"));
     eprint!("{out}{err}");
     assert!(code != 0 && code != 255, "the update must fail: {out}{err}");
     assert!(err.contains("images are not whole"), "{err}");
+    assert!(
+        err.contains("FOAM store") && err.contains("are listed but not stored"),
+        "{err}"
+    );
     assert!(err.contains("keeps running"), "{err}");
     assert_eq!(lab.exec("uname -r"), NEW);
     assert_eq!(

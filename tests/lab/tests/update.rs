@@ -8,15 +8,15 @@ use std::time::{Duration, Instant};
 
 use common::{Lab, MAJOR, NEW, free_port, memcached, up_line};
 
-/// memcached marked, with pre-copy, restored lazily: the final dump writes only what changed since
-/// the pre-copy rounds, memcached resumes before its memory is back, and kup's lazy-pages server
-/// brings the pages in from the whole image chain (on fault, then in the background).
+/// memcached marked, with pre-copy, restored lazily: every round writes its pages in place into
+/// FOAM (`store = "auto"` picks it for a lazy restore), the final dump only what changed since the
+/// rounds, memcached resumes before its memory is back, and kup's lazy-pages server brings each
+/// page in from its address in FOAM (on fault, then in the background).
 const LAZY: &str =
     "[update]\nprecopy_rounds = 3\nrestore = \"lazy\"\n\n[[unit]]\nname = \"memcached.service\"\n";
-/// memcached marked, with pre-copy (the final dump writes only what changed since) and an eager
-/// restore.
-const PRECOPY: &str =
-    "[update]\nprecopy_rounds = 3\nrestore = \"eager\"\n\n[[unit]]\nname = \"memcached.service\"\n";
+/// memcached marked, with pre-copy into FOAM (the final dump writes only what changed since) and an
+/// eager restore: the new kernel copies the pages from FOAM into CRIU's pages files first.
+const PRECOPY: &str = "[update]\nprecopy_rounds = 3\nrestore = \"eager\"\nstore = \"foam\"\n\n[[unit]]\nname = \"memcached.service\"\n";
 /// Keys loaded into memcached: ~280 MB of values of 100..5000 bytes.
 const KEYS: u32 = 110_000;
 
@@ -148,6 +148,12 @@ fn update(lab: &Lab, port: u16, cmd: &str, kernel: &str, config: &str) {
         dump_log.contains("kup: pre-copy of memcached.service round 1"),
         config.contains("precopy_rounds = 3"),
         "pre-copy ran exactly when configured:\n{dump_log}"
+    );
+    // Every round and the final dump went into FOAM, which passed kup's image check at the dump
+    // (post-dump, before the switch) and again before the restore (a failed check fails either).
+    assert!(
+        dump_log.contains("kup: final dump of memcached.service into FOAM"),
+        "the dump went into FOAM:\n{dump_log}"
     );
     eprintln!("{}", lab.exec("journalctl -b -u memcached -o short-monotonic --no-pager | grep -E 'Starting|restored as|every page' || true"));
     check_restored(lab, port, kernel, &pid, config);

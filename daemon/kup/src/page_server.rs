@@ -1,0 +1,634 @@
+//! CRIU's page-server protocol (criu/page-xfer.c), served by kup into FOAM ([`crate::foam`]): a
+//! pre-copy round or a final dump sends a unit's pages to kup instead of writing CRIU's pages
+//! images, and kup writes each page at its address in the unit's FOAM files.
+//!
+//! The protocol: CRIU sends 32-byte headers (`u32 cmd`, padding, `u64 nr_pages`, `u64 vaddr`,
+//! `u64 dst_id`, native endian), the page data after each `ADD_F` whose flags say `PE_PRESENT`.
+//! `OPEN2` selects a pagemap (`dst_id` = id << 8 | type: 1 a process, 2 a shared-memory object)
+//! and is answered with one byte, "a parent image exists"; `PARENT` asks the same and gets an
+//! `i32`; `ADD_F` with `PE_PARENT` says the pages did not change since the parent (CRIU's dirty
+//! tracking); `CLOSE`/`FORCE_CLOSE` ends the run and is answered with an `i32` status that CRIU
+//! returns as its own. kup passes CRIU one end of a socket pair (`criu_opts.ps.fd`).
+//!
+//! kup's answers make FOAM the parent: a pagemap has one when the last round completed and had
+//! it. Pages left in the parent must be in FOAM (else the run fails: status -1, CRIU fails the
+//! dump and resumes the unit); pages the process no longer has are punched out at the end of the
+//! run. A run that fails leaves FOAM untrusted: the next one gets no parent and copies everything
+//! (a CRIU that died after it reset the dirty bits must not leave stale pages behind).
+//! [`Header::parse`], [`Header::encode`], [`pagemap_name`] and [`resolve_round`] are pure;
+//! [`Memory::serve`] does the I/O.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use crate::criu_image::{self, Entry, PE_LAZY, PE_PARENT, PE_PRESENT, Pagemap};
+use crate::foam::{self, Foam, FoamError};
+
+/// Size of a protocol header.
+pub const HEADER: usize = 32;
+pub const PS_IOV_ADD: u32 = 1;
+pub const PS_IOV_HOLE: u32 = 2;
+pub const PS_IOV_OPEN: u32 = 3;
+pub const PS_IOV_OPEN2: u32 = 4;
+pub const PS_IOV_PARENT: u32 = 5;
+pub const PS_IOV_ADD_F: u32 = 6;
+pub const PS_IOV_GET: u32 = 7;
+pub const PS_IOV_CLOSE: u32 = 0x1023;
+pub const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
+const PS_CMD_BITS: u32 = 16;
+const PAGE: u64 = 4096;
+
+/// Why a run of the page server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PageServerError {
+    #[error("CRIU's page-server stream: {0}")]
+    Protocol(String),
+    #[error("the page-server connection to CRIU: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Foam(#[from] FoamError),
+}
+
+/// One protocol header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The command (low 16 bits of CRIU's `cmd`).
+    pub cmd: u32,
+    /// `PE_*` flags (high 16 bits of CRIU's `cmd`, for `ADD_F`).
+    pub flags: u32,
+    pub nr_pages: u64,
+    pub vaddr: u64,
+    pub dst_id: u64,
+}
+
+impl Header {
+    /// Decodes a header as CRIU writes it (`struct page_server_iov`).
+    pub fn parse(b: &[u8; HEADER]) -> Self {
+        let u64_at = |at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[at..at + 8]);
+            u64::from_ne_bytes(w)
+        };
+        let mut c = [0u8; 4];
+        c.copy_from_slice(&b[0..4]);
+        let raw = u32::from_ne_bytes(c);
+        Self {
+            cmd: raw & ((1 << PS_CMD_BITS) - 1),
+            flags: raw >> PS_CMD_BITS,
+            nr_pages: u64_at(8),
+            vaddr: u64_at(16),
+            dst_id: u64_at(24),
+        }
+    }
+
+    /// Encodes a header (what CRIU sends; for tests and clients).
+    pub fn encode(&self) -> [u8; HEADER] {
+        let mut b = [0u8; HEADER];
+        b[0..4].copy_from_slice(&((self.flags << PS_CMD_BITS) | self.cmd).to_ne_bytes());
+        b[8..16].copy_from_slice(&self.nr_pages.to_ne_bytes());
+        b[16..24].copy_from_slice(&self.vaddr.to_ne_bytes());
+        b[24..32].copy_from_slice(&self.dst_id.to_ne_bytes());
+        b
+    }
+}
+
+/// The pagemap a `dst_id` stands for, named like its image without `.img` (`pagemap-PID`,
+/// `pagemap-shmem-ID`); older CRIUs' type numbers included (criu/page-xfer.c, `decode_pm`).
+pub fn pagemap_name(dst_id: u64) -> Result<String, String> {
+    let id = dst_id >> 8;
+    match dst_id & 0xff {
+        1 | 10 | 11 | 16 | 17 => Ok(format!("pagemap-{id}")),
+        2 | 27 | 28 | 29 | 32 | 33 | 34 => Ok(format!("pagemap-shmem-{id}")),
+        t => Err(format!("unknown pagemap type {t} in dst_id {dst_id:#x}")),
+    }
+}
+
+/// The pages of one pagemap after a run: `entries` as CRIU sent them (present or left in the
+/// parent), resolved against `parent` (the pages FOAM held before, all present). Every page is
+/// present in the result, lazy where CRIU or the parent said so. Fails when CRIU left pages to a
+/// parent that does not have them.
+pub fn resolve_round(entries: &[Entry], parent: Option<&[Entry]>) -> Result<Vec<Entry>, String> {
+    let parent_extents = parent.map(|p| criu_image::locate(p, 0, &[]));
+    let present_pages: u64 = entries
+        .iter()
+        .filter(|e| e.flags & PE_PRESENT != 0)
+        .map(|e| e.nr_pages)
+        .sum();
+    criu_image::check_pagemaps(
+        &Pagemap {
+            pages_id: 0,
+            entries: entries.to_vec(),
+        },
+        present_pages * PAGE,
+        parent_extents.as_deref(),
+    )?;
+    // Each of CRIU's entries lies inside one VMA (CRIU's restore and kup's lazy-pages server split
+    // nothing else): the pieces the parent's laziness cuts it into are joined again within it,
+    // never across two of CRIU's entries.
+    let parent_extents = parent_extents.unwrap_or_default();
+    let mut out: Vec<Entry> = Vec::with_capacity(entries.len());
+    for e in entries {
+        let first = out.len();
+        for p in criu_image::with_parent_laziness(std::slice::from_ref(e), &parent_extents) {
+            let flags = PE_PRESENT | (p.flags & PE_LAZY);
+            let joined = out.len() > first;
+            match out.last_mut() {
+                Some(l) if joined && l.flags == flags => l.nr_pages += p.nr_pages,
+                _ => out.push(Entry {
+                    vaddr: p.vaddr,
+                    nr_pages: p.nr_pages,
+                    flags,
+                }),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// What one run brought.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunStats {
+    /// Bytes of pages CRIU sent.
+    pub bytes: u64,
+    /// Bytes of pages it left in FOAM (unchanged since the last round).
+    pub parent_bytes: u64,
+    /// Pagemaps (processes and shared-memory objects).
+    pub pagemaps: usize,
+}
+
+/// A unit's memory in FOAM across its pre-copy rounds and final dump.
+#[derive(Debug)]
+pub struct Memory {
+    foam: Foam,
+    /// Each pagemap's pages as of the last completed run (all present).
+    present: BTreeMap<String, Vec<Entry>>,
+    /// Whether the last run completed (its pages can be a parent).
+    trusted: bool,
+}
+
+impl Memory {
+    /// An empty FOAM store at `root`.
+    pub fn create(root: &Path) -> Result<Self, FoamError> {
+        Ok(Self {
+            foam: Foam::create(root)?,
+            present: BTreeMap::new(),
+            trusted: false,
+        })
+    }
+
+    fn has_parent(&self, name: &str) -> bool {
+        self.trusted && self.present.contains_key(name)
+    }
+
+    /// Serves one CRIU run (a pre-dump or a dump) on `sock`, until CRIU closes it. With `images`
+    /// (the final dump), CRIU's pagemap and pages files for the restore are written there before
+    /// CRIU is told the run succeeded. After a failed run the store is no parent, and a failed
+    /// pre-copy round empties it (see the module's notes).
+    pub fn serve(
+        &mut self,
+        sock: OwnedFd,
+        images: Option<&Path>,
+    ) -> Result<RunStats, PageServerError> {
+        let mut sock = UnixStream::from(sock);
+        let served = self.run(&mut sock, images);
+        if served.is_err() {
+            self.trusted = false;
+            self.present.clear();
+            // A pre-copy round starts over. The final dump's files stay: nothing restores from
+            // them unless they pass the image check.
+            if images.is_none() {
+                let root = self.foam.root().to_path_buf();
+                self.foam = Foam::create(&root)?;
+            }
+        }
+        served
+    }
+
+    fn run(
+        &mut self,
+        sock: &mut UnixStream,
+        images: Option<&Path>,
+    ) -> Result<RunStats, PageServerError> {
+        let mut stats = RunStats::default();
+        let mut round: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
+        let mut told_parent: HashSet<String> = HashSet::new();
+        let mut current: Option<(u64, String)> = None;
+        let (pipe_r, pipe_w) = nix::unistd::pipe().map_err(std::io::Error::from)?;
+        // Bigger pipe, fewer splices (the default holds 16 pages); best effort.
+        let _ = nix::fcntl::fcntl(&pipe_w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
+        loop {
+            let mut b = [0u8; HEADER];
+            if let Err(e) = sock.read_exact(&mut b) {
+                return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    PageServerError::Protocol(
+                        "CRIU closed the connection before it finished".into(),
+                    )
+                } else {
+                    e.into()
+                });
+            }
+            let h = Header::parse(&b);
+            let mut select = |dst_id: u64,
+                              current: &mut Option<(u64, String)>|
+             -> Result<String, PageServerError> {
+                let name = pagemap_name(dst_id).map_err(PageServerError::Protocol)?;
+                round.entry(name.clone()).or_default();
+                *current = Some((dst_id, name.clone()));
+                Ok(name)
+            };
+            match h.cmd {
+                PS_IOV_OPEN => {
+                    select(h.dst_id, &mut current)?;
+                }
+                PS_IOV_OPEN2 => {
+                    let name = select(h.dst_id, &mut current)?;
+                    let parent = self.has_parent(&name);
+                    if parent {
+                        told_parent.insert(name);
+                    }
+                    sock.write_all(&[u8::from(parent)])?;
+                }
+                PS_IOV_PARENT => {
+                    let name = pagemap_name(h.dst_id).map_err(PageServerError::Protocol)?;
+                    let parent = self.has_parent(&name);
+                    if parent {
+                        told_parent.insert(name);
+                    }
+                    sock.write_all(&i32::from(parent).to_ne_bytes())?;
+                }
+                PS_IOV_ADD_F | PS_IOV_ADD | PS_IOV_HOLE => {
+                    let flags = match h.cmd {
+                        PS_IOV_ADD_F => h.flags,
+                        PS_IOV_ADD => PE_PRESENT,
+                        _ => PE_PARENT,
+                    };
+                    let name = match &current {
+                        Some((id, name)) if *id == h.dst_id => name.clone(),
+                        _ => select(h.dst_id, &mut current)?,
+                    };
+                    if h.vaddr % PAGE != 0 || h.nr_pages == 0 {
+                        return Err(PageServerError::Protocol(format!(
+                            "{name}: {} pages at {:#x} (not a page-aligned range)",
+                            h.nr_pages, h.vaddr
+                        )));
+                    }
+                    let entries = round.entry(name.clone()).or_default();
+                    if let Some(l) = entries.last() {
+                        if l.vaddr + l.nr_pages * PAGE > h.vaddr {
+                            return Err(PageServerError::Protocol(format!(
+                                "{name}: pages at {:#x} come after pages up to {:#x}",
+                                h.vaddr,
+                                l.vaddr + l.nr_pages * PAGE
+                            )));
+                        }
+                    }
+                    let len = h.nr_pages * PAGE;
+                    if flags & PE_PRESENT != 0 {
+                        self.receive(sock, &pipe_r, &pipe_w, &name, h.vaddr, len)?;
+                        stats.bytes += len;
+                    } else if flags & PE_PARENT != 0 {
+                        if !told_parent.contains(&name) {
+                            return Err(PageServerError::Protocol(format!(
+                                "{name}: CRIU left {} pages at {:#x} to a parent kup did not offer",
+                                h.nr_pages, h.vaddr
+                            )));
+                        }
+                        stats.parent_bytes += len;
+                    } else {
+                        return Err(PageServerError::Protocol(format!(
+                            "{name}: {} pages at {:#x} neither sent nor in the parent (flags {:#x})",
+                            h.nr_pages, h.vaddr, flags
+                        )));
+                    }
+                    round.entry(name).or_default().push(Entry {
+                        vaddr: h.vaddr,
+                        nr_pages: h.nr_pages,
+                        flags,
+                    });
+                }
+                PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE => {
+                    let done = self.finish(round, images);
+                    let status: i32 = if done.is_ok() { 0 } else { -1 };
+                    // CRIU returns this status as its own: -1 fails the dump (and resumes the unit).
+                    let answered = sock.write_all(&status.to_ne_bytes());
+                    stats.pagemaps = self.present.len();
+                    done?;
+                    answered?;
+                    return Ok(stats);
+                }
+                PS_IOV_GET => {
+                    return Err(PageServerError::Protocol(
+                        "CRIU asked for pages (PS_IOV_GET): kup serves lazy pages itself".into(),
+                    ));
+                }
+                other => {
+                    return Err(PageServerError::Protocol(format!(
+                        "unknown command {other:#x}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Moves `len` bytes of page data from the socket to `name`'s FOAM file at `vaddr`, through a
+    /// pipe (`splice`: the data does not pass through kup's memory).
+    fn receive(
+        &mut self,
+        sock: &UnixStream,
+        pipe_r: &OwnedFd,
+        pipe_w: &OwnedFd,
+        name: &str,
+        vaddr: u64,
+        len: u64,
+    ) -> Result<(), PageServerError> {
+        use nix::fcntl::{SpliceFFlags, splice};
+        for (slice, offset, part) in foam::pieces(vaddr, vaddr + len) {
+            let file = self.foam.file(name, slice)?;
+            let mut off = offset as nix::libc::loff_t;
+            let mut left = part as usize;
+            while left > 0 {
+                let n = splice(
+                    sock.as_fd(),
+                    None,
+                    pipe_w,
+                    None,
+                    left.min(1 << 20),
+                    SpliceFFlags::SPLICE_F_MOVE,
+                )
+                .map_err(std::io::Error::from)?;
+                if n == 0 {
+                    return Err(PageServerError::Protocol(format!(
+                        "{name}: CRIU closed the connection in the middle of the pages at {vaddr:#x}"
+                    )));
+                }
+                let mut in_pipe = n;
+                while in_pipe > 0 {
+                    let m = splice(
+                        pipe_r,
+                        None,
+                        file,
+                        Some(&mut off),
+                        in_pipe,
+                        SpliceFFlags::SPLICE_F_MOVE,
+                    )
+                    .map_err(std::io::Error::from)?;
+                    in_pipe -= m;
+                }
+                left -= n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a run: resolves each pagemap against the last one, punches out what is gone, writes
+    /// the restore's images (the final dump).
+    fn finish(
+        &mut self,
+        round: BTreeMap<String, Vec<Entry>>,
+        images: Option<&Path>,
+    ) -> Result<(), PageServerError> {
+        let mut next = BTreeMap::new();
+        for (name, entries) in &round {
+            let parent = self.present.get(name).map(Vec::as_slice);
+            let resolved = resolve_round(entries, parent)
+                .map_err(|reason| PageServerError::Protocol(format!("{name}: {reason}")))?;
+            next.insert(name.clone(), resolved);
+        }
+        for (name, before) in &self.present {
+            match next.get(name) {
+                None => self.foam.remove(name)?,
+                Some(now) => {
+                    let gone =
+                        foam::subtract(&foam::entry_ranges(before), &foam::entry_ranges(now));
+                    for (a, b) in gone {
+                        self.foam.punch(name, a, b)?;
+                    }
+                }
+            }
+        }
+        self.present = next;
+        self.trusted = true;
+        if let Some(images) = images {
+            self.foam.sync()?;
+            foam::write_restore_images(self.foam.root(), images, &self.present)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn header(cmd: u32, flags: u32, nr_pages: u64, vaddr: u64, dst_id: u64) -> [u8; HEADER] {
+        Header {
+            cmd,
+            flags,
+            nr_pages,
+            vaddr,
+            dst_id,
+        }
+        .encode()
+    }
+
+    #[test]
+    fn headers_round_trip_and_name_their_pagemap() {
+        let h = Header {
+            cmd: PS_IOV_ADD_F,
+            flags: PE_PRESENT | PE_LAZY,
+            nr_pages: 3,
+            vaddr: 0x7f00_0000_1000,
+            dst_id: (1234 << 8) | 1,
+        };
+        let b = h.encode();
+        // CRIU's layout: cmd (flags << 16 | cmd), 4 bytes of padding, then three u64.
+        assert_eq!(
+            u32::from_ne_bytes(b[0..4].try_into().unwrap()),
+            ((PE_PRESENT | PE_LAZY) << 16) | 6
+        );
+        assert_eq!(Header::parse(&b), h);
+        assert_eq!(pagemap_name(h.dst_id).unwrap(), "pagemap-1234");
+        assert_eq!(pagemap_name((9 << 8) | 2).unwrap(), "pagemap-shmem-9");
+        assert_eq!(pagemap_name((9 << 8) | 11).unwrap(), "pagemap-9");
+        assert!(pagemap_name((9 << 8) | 5).is_err());
+    }
+
+    fn e(vaddr: u64, nr_pages: u64, flags: u32) -> Entry {
+        Entry {
+            vaddr,
+            nr_pages,
+            flags,
+        }
+    }
+
+    #[test]
+    fn a_round_resolves_parent_pages_with_their_laziness_and_refuses_missing_ones() {
+        let parent = [e(0x1000, 4, PE_PRESENT | PE_LAZY), e(0x9000, 1, PE_PRESENT)];
+        let round = [
+            e(0x1000, 1, PE_PARENT),
+            e(0x2000, 1, PE_PRESENT | PE_LAZY),
+            e(0x3000, 2, PE_PARENT),
+            e(0x9000, 1, PE_PARENT),
+        ];
+        // Pages left in the parent keep its laziness; CRIU's entries (one VMA each) stay apart.
+        assert_eq!(
+            resolve_round(&round, Some(&parent)).unwrap(),
+            vec![
+                e(0x1000, 1, PE_PRESENT | PE_LAZY),
+                e(0x2000, 1, PE_PRESENT | PE_LAZY),
+                e(0x3000, 2, PE_PRESENT | PE_LAZY),
+                e(0x9000, 1, PE_PRESENT)
+            ]
+        );
+        // One entry of CRIU's over a parent cut in two (a lazy and a non-lazy part) stays cut
+        // there only.
+        let parent = [e(0x1000, 2, PE_PRESENT | PE_LAZY), e(0x3000, 2, PE_PRESENT)];
+        assert_eq!(
+            resolve_round(&[e(0x1000, 4, PE_PARENT)], Some(&parent)).unwrap(),
+            vec![e(0x1000, 2, PE_PRESENT | PE_LAZY), e(0x3000, 2, PE_PRESENT)]
+        );
+        let parent = [
+            e(0x1000, 2, PE_PRESENT | PE_LAZY),
+            e(0x3000, 2, PE_PRESENT | PE_LAZY),
+        ];
+        assert_eq!(
+            resolve_round(&[e(0x1000, 4, PE_PARENT)], Some(&parent)).unwrap(),
+            vec![e(0x1000, 4, PE_PRESENT | PE_LAZY)]
+        );
+        let err = resolve_round(&[e(0x5000, 2, PE_PARENT)], Some(&parent)).unwrap_err();
+        assert!(err.contains("which has only 0 of them"), "{err}");
+        let err = resolve_round(&[e(0x1000, 1, PE_PARENT)], None).unwrap_err();
+        assert!(err.contains("there is no parent"), "{err}");
+    }
+
+    /// A fake CRIU: a pre-dump of two processes, then a dump of one of them with dirty tracking.
+    #[test]
+    fn rounds_write_pages_in_place_punch_what_is_gone_and_write_the_restore_images() {
+        let tmp = tempfile::tempdir().unwrap();
+        // As in an update: FOAM inside the unit's image directory, where the final dump goes.
+        let images = tmp.path().to_path_buf();
+        let root = images.join(foam::DIR);
+        let mut memory = Memory::create(&root).unwrap();
+        let page = |b: u8, n: usize| vec![b; n * PAGE as usize];
+        let (p1, p2) = ((7u64 << 8) | 1, (8u64 << 8) | 1);
+
+        // Round 1: no parent; process 7 has 3 lazy pages and a stack page, process 8 one page.
+        let (mut criu, kup) = UnixStream::pair().unwrap();
+        let client = std::thread::spawn(move || {
+            let mut b = [0u8; 4];
+            criu.write_all(&header(PS_IOV_PARENT, 0, 0, 0, p1)).unwrap();
+            criu.read_exact(&mut b).unwrap();
+            assert_eq!(i32::from_ne_bytes(b), 0);
+            let mut one = [0u8; 1];
+            criu.write_all(&header(PS_IOV_OPEN2, 0, 0, 0, p1)).unwrap();
+            criu.read_exact(&mut one).unwrap();
+            assert_eq!(one[0], 0);
+            criu.write_all(&header(PS_IOV_ADD_F, PE_PRESENT | PE_LAZY, 3, 0x10_000, p1))
+                .unwrap();
+            criu.write_all(&page(1, 3)).unwrap();
+            criu.write_all(&header(PS_IOV_ADD_F, PE_PRESENT, 1, 0x7ffc_0000_0000, p1))
+                .unwrap();
+            criu.write_all(&page(5, 1)).unwrap();
+            criu.write_all(&header(PS_IOV_OPEN2, 0, 0, 0, p2)).unwrap();
+            criu.read_exact(&mut one).unwrap();
+            criu.write_all(&header(PS_IOV_ADD_F, PE_PRESENT, 1, 0x20_000, p2))
+                .unwrap();
+            criu.write_all(&page(8, 1)).unwrap();
+            criu.write_all(&header(PS_IOV_FORCE_CLOSE, 0, 0, 0, 0))
+                .unwrap();
+            criu.read_exact(&mut b).unwrap();
+            i32::from_ne_bytes(b)
+        });
+        let stats = memory.serve(kup.into(), None).unwrap();
+        assert_eq!(client.join().unwrap(), 0);
+        assert_eq!(stats.bytes, 5 * PAGE);
+        assert_eq!(stats.pagemaps, 2);
+
+        // Final dump: process 8 is gone; process 7 dirtied its middle page, unmapped its last
+        // heap page, the rest is in the parent.
+        let (mut criu, kup) = UnixStream::pair().unwrap();
+        let client = std::thread::spawn(move || {
+            let mut one = [0u8; 1];
+            criu.write_all(&header(PS_IOV_OPEN2, 0, 0, 0, p1)).unwrap();
+            criu.read_exact(&mut one).unwrap();
+            assert_eq!(one[0], 1, "FOAM is the parent after a good round");
+            criu.write_all(&header(PS_IOV_ADD_F, PE_PARENT, 1, 0x10_000, p1))
+                .unwrap();
+            criu.write_all(&header(PS_IOV_ADD_F, PE_PRESENT | PE_LAZY, 1, 0x11_000, p1))
+                .unwrap();
+            criu.write_all(&page(2, 1)).unwrap();
+            criu.write_all(&header(PS_IOV_ADD_F, PE_PARENT, 1, 0x7ffc_0000_0000, p1))
+                .unwrap();
+            criu.write_all(&header(PS_IOV_CLOSE, 0, 0, 0, 0)).unwrap();
+            let mut b = [0u8; 4];
+            criu.read_exact(&mut b).unwrap();
+            i32::from_ne_bytes(b)
+        });
+        let stats = memory.serve(kup.into(), Some(&images)).unwrap();
+        assert_eq!(client.join().unwrap(), 0);
+        assert_eq!((stats.bytes, stats.parent_bytes), (PAGE, 2 * PAGE));
+        assert!(
+            !root.join("pagemap-8").exists(),
+            "a gone process leaves FOAM"
+        );
+        assert_eq!(
+            foam::data_ranges(&root.join("pagemap-7")).unwrap(),
+            vec![(0x10_000, 0x12_000), (0x7ffc_0000_0000, 0x7ffc_0000_1000)]
+        );
+        // CRIU's images for the restore: one pagemap, every page present, the stack not lazy.
+        let pm = criu_image::parse(&std::fs::read(images.join("pagemap-7.img")).unwrap()).unwrap();
+        assert_eq!(
+            pm.entries,
+            vec![
+                e(0x10_000, 1, PE_PRESENT | PE_LAZY),
+                e(0x11_000, 1, PE_PRESENT | PE_LAZY),
+                e(0x7ffc_0000_0000, 1, PE_PRESENT)
+            ]
+        );
+        std::fs::write(images.join("inventory.img"), b"").unwrap();
+        std::fs::write(images.join("pstree.img"), b"").unwrap();
+        assert!(criu_image::check(&images).is_ok());
+        assert_eq!(foam::fill_pages_files(&images).unwrap(), 2 * PAGE);
+        assert_eq!(
+            std::fs::read(images.join(format!("pages-{}.img", pm.pages_id))).unwrap(),
+            [page(1, 1), page(2, 1), page(5, 1)].concat()
+        );
+
+        // A run that claims a parent page FOAM does not have fails with status -1, and the next
+        // run gets no parent.
+        let (mut criu, kup) = UnixStream::pair().unwrap();
+        let client = std::thread::spawn(move || {
+            let mut one = [0u8; 1];
+            criu.write_all(&header(PS_IOV_OPEN2, 0, 0, 0, p1)).unwrap();
+            criu.read_exact(&mut one).unwrap();
+            criu.write_all(&header(PS_IOV_ADD_F, PE_PARENT, 4, 0x40_000, p1))
+                .unwrap();
+            criu.write_all(&header(PS_IOV_CLOSE, 0, 0, 0, 0)).unwrap();
+            let mut b = [0u8; 4];
+            criu.read_exact(&mut b).unwrap();
+            i32::from_ne_bytes(b)
+        });
+        let err = memory.serve(kup.into(), None).unwrap_err().to_string();
+        assert_eq!(client.join().unwrap(), -1);
+        assert!(err.contains("which has only 0 of them"), "{err}");
+        assert!(!memory.has_parent("pagemap-7"));
+        assert!(
+            !root.join("pagemap-7").exists(),
+            "an untrusted store is emptied"
+        );
+
+        // CRIU gone in the middle: an error, no parent next time.
+        let (mut criu, kup) = UnixStream::pair().unwrap();
+        criu.write_all(&header(PS_IOV_OPEN, 0, 0, 0, p1)).unwrap();
+        criu.write_all(&header(PS_IOV_ADD_F, PE_PRESENT, 2, 0x10_000, p1))
+            .unwrap();
+        criu.write_all(&page(3, 1)).unwrap();
+        drop(criu);
+        let err = memory.serve(kup.into(), None).unwrap_err().to_string();
+        assert!(err.contains("closed the connection"), "{err}");
+    }
+}
