@@ -898,6 +898,51 @@ mod tests {
     }
 
     #[test]
+    fn a_dump_into_foam_is_checked_and_indexed_at_its_addresses() {
+        use crate::foam;
+        let p = PAGE;
+        let root = tempfile::tempdir().unwrap();
+        let images = root.path();
+        // The final dump's directory as kup leaves it: a parent round without pagemaps (CRIU sent
+        // its pages to FOAM), the pagemap kup wrote, FOAM beside it.
+        std::fs::create_dir(images.join("pre-1")).unwrap();
+        std::os::unix::fs::symlink("pre-1", images.join("parent")).unwrap();
+        let mut store = foam::Foam::create(&images.join(foam::DIR)).unwrap();
+        let heap = 0x5555_0000_0000u64;
+        let (slice, offset) = foam::place(heap);
+        std::os::unix::fs::FileExt::write_all_at(
+            store.file("pagemap-42", slice).unwrap(),
+            &vec![7u8; 3 * p as usize],
+            offset,
+        )
+        .unwrap();
+        let present = std::collections::BTreeMap::from([(
+            "pagemap-42".to_owned(),
+            vec![e(heap, 3, PE_PRESENT | PE_LAZY)],
+        )]);
+        foam::write_restore_images(&images.join(foam::DIR), images, &present).unwrap();
+        std::fs::write(images.join("mm-42.img"), render_mm(&[(heap, heap + 4 * p)])).unwrap();
+        std::fs::write(images.join("inventory.img"), b"x").unwrap();
+        std::fs::write(images.join("pstree.img"), b"x").unwrap();
+        let s = check(images).unwrap();
+        assert_eq!((s.present_bytes, s.parent_bytes), (3 * p, 0));
+        let idx = process_pages(images, 42).unwrap();
+        assert_eq!(
+            idx.pages_files,
+            [images
+                .join(foam::DIR)
+                .join("pagemap-42")
+                .join(foam::slice_name(slice))]
+        );
+        assert_eq!(idx.lazy, [(heap, heap + 3 * p)]);
+        assert_eq!(idx.extents[0].data, Some((0, offset)));
+        // A page lost from FOAM fails the check.
+        store.punch("pagemap-42", heap + p, heap + 2 * p).unwrap();
+        let err = check(images).unwrap_err().to_string();
+        assert!(err.contains("are listed but not stored"), "{err}");
+    }
+
+    #[test]
     fn a_directory_without_a_dump_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let err = check(dir.path()).unwrap_err().to_string();
