@@ -13,7 +13,8 @@
 //! kup's answers make FOAM the parent: a pagemap has one when the last round completed and had
 //! it. Pages left in the parent must be in FOAM (else the run fails: status -1, CRIU fails the
 //! dump and resumes the unit); pages the process no longer has are punched out at the end of the
-//! run. A run that fails leaves FOAM untrusted: the next one gets no parent and copies everything
+//! run, and the files are then checked against the pages the run says the process has (their data
+//! extents, `SEEK_DATA`): FOAM is consistent after every round. A run that fails leaves FOAM untrusted: the next one gets no parent and copies everything
 //! (a CRIU that died after it reset the dirty bits must not leave stale pages behind).
 //! [`Header::parse`], [`Header::encode`], [`pagemap_name`] and [`resolve_round`] are pure;
 //! [`Memory::serve`] does the I/O.
@@ -407,6 +408,25 @@ impl Memory {
                         self.foam.punch(name, a, b)?;
                     }
                 }
+            }
+        }
+        // The store after this run holds exactly its pages: checked after every round, so a round
+        // whose writes did not land is never the parent of the next one.
+        for (name, entries) in &next {
+            let dir = self.foam.root().join(name);
+            let want = foam::entry_ranges(entries);
+            let have = foam::data_ranges(&dir)?;
+            if want != have {
+                let (missing, stale) = (foam::subtract(&want, &have), foam::subtract(&have, &want));
+                return Err(FoamError::Inconsistent {
+                    path: dir.display().to_string(),
+                    reason: format!(
+                        "after the run, {} pages are missing and {} are stale",
+                        missing.iter().map(|(a, b)| (b - a) / PAGE).sum::<u64>(),
+                        stale.iter().map(|(a, b)| (b - a) / PAGE).sum::<u64>()
+                    ),
+                }
+                .into());
             }
         }
         self.present = next;
