@@ -119,9 +119,13 @@ pub fn slice_name(slice: u64) -> String {
     format!("{slice:x}.foam")
 }
 
-/// The slice files of one pagemap's directory: `(slice, path)`, sorted.
+/// The slice files of one pagemap's directory: `(slice, path)`, sorted; none when the directory is
+/// missing (a pagemap that never got a page, e.g. an untouched shared mapping).
 pub fn slice_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, FoamError> {
     let mut out = Vec::new();
+    if !dir.exists() {
+        return Ok(out);
+    }
     for e in std::fs::read_dir(dir)
         .map_err(io_err("list", dir))?
         .flatten()
@@ -537,6 +541,11 @@ mod tests {
         assert!(extents[0].lazy && !extents[1].lazy);
         assert_eq!(extents[1].data, Some((1, place(high).1)));
         assert_eq!(process_extents(images, 8, &[]).unwrap(), None);
+        // A pagemap that never got a page has no directory, and no data.
+        assert_eq!(
+            data_ranges(&images.join(DIR).join("pagemap-8")).unwrap(),
+            vec![]
+        );
         // Eager: the lazy pages are copied in too.
         assert_eq!(fill_pages_files(images).unwrap(), 2 * PAGE);
         let pages = std::fs::read(images.join("pages-1.img")).unwrap();

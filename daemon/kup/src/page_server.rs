@@ -558,6 +558,10 @@ mod tests {
             criu.write_all(&header(PS_IOV_ADD_F, PE_PRESENT, 1, 0x20_000, p2))
                 .unwrap();
             criu.write_all(&page(8, 1)).unwrap();
+            // A shared-memory object with no page in memory: opened, nothing sent.
+            criu.write_all(&header(PS_IOV_OPEN2, 0, 0, 0, (3 << 8) | 2))
+                .unwrap();
+            criu.read_exact(&mut one).unwrap();
             criu.write_all(&header(PS_IOV_FORCE_CLOSE, 0, 0, 0, 0))
                 .unwrap();
             criu.read_exact(&mut b).unwrap();
@@ -566,7 +570,7 @@ mod tests {
         let stats = memory.serve(kup.into(), None).unwrap();
         assert_eq!(client.join().unwrap(), 0);
         assert_eq!(stats.bytes, 5 * PAGE);
-        assert_eq!(stats.pagemaps, 2);
+        assert_eq!(stats.pagemaps, 3);
 
         // Final dump: process 8 is gone; process 7 dirtied its middle page, unmapped its last
         // heap page, the rest is in the parent.
