@@ -703,39 +703,30 @@ fn precopy(
         }
         let t = std::time::Instant::now();
         let tables = crate::nft::criu_tables();
-        let (done, served) = match memory.as_deref_mut() {
-            Some(mem) => {
-                let (done, served) = into_foam(mem, None, |ps| {
-                    criu::pre_dump(pid, &dir, parent.as_deref(), unit, ps)
-                });
-                (done, Some(served))
+        // Bytes copied: counted by the page server (FOAM), else what CRIU wrote.
+        let copied = match memory.as_deref_mut() {
+            Some(mem) => into_foam(mem, None, unit, |ps| {
+                criu::pre_dump(pid, &dir, parent.as_deref(), unit, ps)
+            })
+            .map(|((), stats)| stats.bytes),
+            None => {
+                criu::pre_dump(pid, &dir, parent.as_deref(), unit, None).map(|()| dir_bytes(&dir))
             }
-            None => (
-                criu::pre_dump(pid, &dir, parent.as_deref(), unit, None),
-                None,
-            ),
         };
-        let failure = match (done, &served) {
-            (Err(e), Some(Err(se))) => Some(format!("{e}; kup's page server: {se}")),
-            (Err(e), _) => Some(e.to_string()),
-            (Ok(()), Some(Err(se))) => Some(format!("kup's page server: {se}")),
-            (Ok(()), _) => None,
-        };
-        if let Some(e) = failure {
-            let pids = criu::tree_pids(pid).unwrap_or_else(|_| vec![pid]);
-            let let_go = let_go(unit, &pids, &tables);
-            let _ = std::fs::remove_dir_all(&dir);
-            tracing::warn!(
-                unit,
-                kup_phase = "pre-copy",
-                round,
-                "pre-copy round failed ({let_go}), the final dump copies everything: {e}"
-            );
-            return None;
-        }
-        let bytes = match served {
-            Some(Ok(stats)) => stats.bytes,
-            _ => dir_bytes(&dir),
+        let bytes = match copied {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let pids = criu::tree_pids(pid).unwrap_or_else(|_| vec![pid]);
+                let let_go = let_go(unit, &pids, &tables);
+                let _ = std::fs::remove_dir_all(&dir);
+                tracing::warn!(
+                    unit,
+                    kup_phase = "pre-copy",
+                    round,
+                    "pre-copy round failed ({let_go}), the final dump copies everything: {e}"
+                );
+                return None;
+            }
         };
         tracing::info!(
             unit,
@@ -756,17 +747,15 @@ fn precopy(
     last.map(|(name, _)| name)
 }
 
-/// Runs `call`, a CRIU run given the page-server socket, while kup serves it into `memory` (FOAM);
-/// with `images`, the restore's pagemaps are written there once CRIU has sent everything. Returns
-/// both outcomes.
+/// Runs `call`, a CRIU run of `unit` given the page-server socket, while kup serves it into
+/// `memory` (FOAM); with `images`, the restore's pagemaps are written there once CRIU has sent
+/// everything. A failure of either side is the run's failure.
 pub(crate) fn into_foam<T>(
     memory: &mut crate::page_server::Memory,
     images: Option<&Path>,
+    unit: &str,
     call: impl FnOnce(Option<std::os::fd::OwnedFd>) -> Result<T, criu::CriuError>,
-) -> (
-    Result<T, criu::CriuError>,
-    Result<crate::page_server::RunStats, crate::page_server::PageServerError>,
-) {
+) -> Result<(T, crate::page_server::RunStats), criu::CriuError> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
     let (ours, theirs) = match socketpair(
         AddressFamily::Unix,
@@ -776,12 +765,10 @@ pub(crate) fn into_foam<T>(
     ) {
         Ok(pair) => pair,
         Err(e) => {
-            let e = std::io::Error::from(e);
-            let spawn = criu::CriuError::Spawn {
+            return Err(criu::CriuError::Spawn {
                 program: "socketpair (kup's page server)".into(),
-                source: std::io::Error::new(e.kind(), e.to_string()),
-            };
-            return (Err(spawn), Err(e.into()));
+                source: e.into(),
+            });
         }
     };
     std::thread::scope(|s| {
@@ -793,7 +780,15 @@ pub(crate) fn into_foam<T>(
                 "the page server stopped (panic)".into(),
             ))
         });
-        (done, served)
+        match (done, served) {
+            (Ok(t), Ok(stats)) => Ok((t, stats)),
+            (Err(e), Ok(_)) => Err(e),
+            (done, Err(se)) => Err(criu::CriuError::PageServer {
+                what: unit.to_owned(),
+                reason: se.to_string(),
+                criu: done.map_or_else(|e| e.to_string(), |_| "it finished".into()),
+            }),
+        }
     })
 }
 
@@ -876,35 +871,20 @@ pub(crate) fn dump_unit(
     };
     let dumped = match memory {
         None => criu::dump(pid, images, &stdio, parent, unit, None, &mut post_dump),
-        Some(mem) => {
-            let (done, served) = into_foam(mem, Some(images), |ps| {
-                criu::dump(pid, images, &stdio, parent, unit, ps, &mut post_dump)
-            });
-            match (done, served) {
-                (Err(e), Err(se)) => Err(criu::CriuError::PageServer {
-                    what: unit.to_owned(),
-                    reason: se.to_string(),
-                    criu: e.to_string(),
-                }),
-                (Ok(()), Err(se)) => {
-                    // CRIU finished and the images passed their check: only the last answer was lost.
-                    tracing::warn!(unit, kup_phase = "dump", "kup: page server: {se}");
-                    Ok(())
-                }
-                (done, Ok(stats)) => {
-                    if done.is_ok() {
-                        tracing::info!(
-                            unit,
-                            kup_phase = "dump",
-                            "kup: final dump of {unit} into FOAM: {} MiB copied, {} MiB unchanged since pre-copy",
-                            stats.bytes >> 20,
-                            stats.parent_bytes >> 20
-                        );
-                    }
-                    done
-                }
-            }
-        }
+        // A page server that fails after CRIU killed the tree is handled below like any CRIU
+        // failure then: the update goes on only from images that pass their check.
+        Some(mem) => into_foam(mem, Some(images), unit, |ps| {
+            criu::dump(pid, images, &stdio, parent, unit, ps, &mut post_dump)
+        })
+        .map(|((), stats)| {
+            tracing::info!(
+                unit,
+                kup_phase = "dump",
+                "kup: final dump of {unit} into FOAM: {} MiB copied, {} MiB unchanged since pre-copy",
+                stats.bytes >> 20,
+                stats.parent_bytes >> 20
+            );
+        }),
     };
     if let Err(e) = dumped {
         let unfreeze = || {
