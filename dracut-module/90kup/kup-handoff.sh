@@ -10,6 +10,19 @@ type getarg >/dev/null 2>&1 || . /lib/dracut-lib.sh
 
 root=${NEWROOT:-/sysroot}
 handoff=$root/var/lib/kup/handoff
+# A dry-run's throwaway VM (kup.dryrun=1 beside kup.handoff=): its root is a copy-on-write view of
+# the machine's disk (QEMU's snapshot=on), where the dry-run left its handoff in
+# /var/lib/kup/dry-run. In this view only, that becomes the handoff to restore; the machine's own
+# disk is never written by the VM.
+if [ "$(getarg kup.dryrun=)" = 1 ]; then
+    if [ -r "$root/var/lib/kup/dry-run/id" ]; then
+        rm -rf "$handoff"
+        mv "$root/var/lib/kup/dry-run" "$handoff"
+        info "kup: dry-run VM: restoring the dry-run's checkpoints"
+    else
+        warn "kup: dry-run VM: no dry-run handoff in /var/lib/kup/dry-run"
+    fi
+fi
 ondisk=$(cat "$handoff/id" 2>/dev/null)
 # kup writes the manifest twice (manifest.json, then manifest.copy.json): either will do.
 manifest=$handoff/manifest.json

@@ -32,7 +32,7 @@ pub struct StatusReport {
 }
 
 /// What `Manager1.DryRun` returns (as JSON): per marked unit, whether it was checkpointed whole
-/// while it kept running.
+/// while it kept running and restored on the target kernel in a throwaway VM.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DryRunReport {
@@ -43,6 +43,9 @@ pub struct DryRunReport {
     pub units: Vec<DryRunUnit>,
     /// What the dry-run does not check.
     pub not_checked: String,
+    /// What the throwaway VM did (the target kernel restoring the trial checkpoints), or why there
+    /// was none (`none: ...`).
+    pub vm: String,
 }
 
 /// One unit of a [`DryRunReport`].
@@ -58,6 +61,8 @@ pub struct DryRunUnit {
     pub dump_seconds: f64,
     /// Size of the checkpoint, MiB.
     pub image_mib: u64,
+    /// Whether the throwaway VM restored it on the target kernel (absent: not tried).
+    pub restored_in_vm: Option<bool>,
 }
 
 impl DryRunReport {

@@ -20,6 +20,7 @@
 //! grace = 5                               # seconds a restored unit must stay up before the boot is blessed
 //! kexec_watchdog = 180                    # seconds the new kernel has to reach kup's restore (hardware watchdog); 0 = off
 //! make_default = false                    # once blessed, the new kernel becomes the boot loader's default entry
+//! dry_run_vm_timeout = 900                # seconds a dry-run's throwaway VM may take to restore; 0 = no VM
 //!
 //! [[unit]]
 //! name = "memcached.service"
@@ -43,6 +44,10 @@ pub const DEFAULT_GRACE: u16 = 5;
 pub const DEFAULT_KEXEC_WATCHDOG: u16 = 180;
 /// Shortest `kexec_watchdog` other than 0: no kernel boots faster.
 pub const MIN_KEXEC_WATCHDOG: u16 = 30;
+/// Default `dry_run_vm_timeout`, seconds.
+pub const DEFAULT_DRY_RUN_VM_TIMEOUT: u16 = 900;
+/// Shortest `dry_run_vm_timeout` other than 0: a VM boot with a restore takes longer.
+pub const MIN_DRY_RUN_VM_TIMEOUT: u16 = 60;
 /// Default `image_dir`.
 pub const DEFAULT_IMAGE_DIR: &str = "/var/lib/kup/images";
 
@@ -269,6 +274,9 @@ pub struct UpdateSettings {
     pub kexec_watchdog: u16,
     /// Once the new kernel is blessed, make it the boot loader's default entry (systemd-boot).
     pub make_default: bool,
+    /// Seconds a dry-run's throwaway VM (the target kernel restoring the trial checkpoints) may
+    /// take before it is stopped; 0 = the dry-run boots no VM.
+    pub dry_run_vm_timeout: u16,
 }
 
 impl Default for UpdateSettings {
@@ -286,6 +294,7 @@ impl Default for UpdateSettings {
             grace: DEFAULT_GRACE,
             kexec_watchdog: DEFAULT_KEXEC_WATCHDOG,
             make_default: false,
+            dry_run_vm_timeout: DEFAULT_DRY_RUN_VM_TIMEOUT,
         }
     }
 }
@@ -348,6 +357,8 @@ pub struct UpdateFragment {
     #[serde(default, deserialize_with = "de_kexec_watchdog")]
     pub kexec_watchdog: Option<u16>,
     pub make_default: Option<bool>,
+    #[serde(default, deserialize_with = "de_dry_run_vm_timeout")]
+    pub dry_run_vm_timeout: Option<u16>,
 }
 
 /// Parses one file's text. `path` is only used in error messages.
@@ -417,6 +428,9 @@ impl Settings {
         }
         if let Some(d) = u.make_default {
             self.update.make_default = d;
+        }
+        if let Some(t) = u.dry_run_vm_timeout {
+            self.update.dry_run_vm_timeout = t;
         }
         for unit in fragment.units {
             match self.units.iter_mut().find(|u| u.name == unit.name) {
@@ -617,6 +631,16 @@ fn de_kexec_watchdog<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::
     }
 }
 
+fn de_dry_run_vm_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    let n = i64::deserialize(d)?;
+    match u16::try_from(n) {
+        Ok(s) if s == 0 || (MIN_DRY_RUN_VM_TIMEOUT..=7200).contains(&s) => Ok(Some(s)),
+        _ => Err(serde::de::Error::custom(format!(
+            "dry_run_vm_timeout = {n} is out of range; give seconds from {MIN_DRY_RUN_VM_TIMEOUT} to 7200 (a VM boots and restores in no less), or 0 for a dry-run without the VM"
+        ))),
+    }
+}
+
 fn de_restore<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RestoreMode>, D::Error> {
     match String::deserialize(d)?.as_str() {
         "eager" => Ok(Some(RestoreMode::Eager)),
@@ -657,6 +681,7 @@ health_timeout = 20
 grace = 0
 kexec_watchdog = 90
 make_default = true
+dry_run_vm_timeout = 0
 
 [[unit]]
 name = "memcached.service"
@@ -677,6 +702,7 @@ name = "redis-server.service"
         assert_eq!((s.update.health_timeout, s.update.grace), (20, 0));
         assert_eq!(s.update.kexec_watchdog, 90);
         assert!(s.update.make_default);
+        assert_eq!(s.update.dry_run_vm_timeout, 0);
         assert_eq!(s.units.len(), 2);
         assert_eq!(
             s.unit("memcached.service").unwrap().health.as_deref(),
@@ -859,6 +885,10 @@ name = "redis-server.service"
             ("health_timeout = 0", "give seconds from 1 to 3600"),
             ("grace = 601", "give seconds from 0 to 600"),
             ("kexec_watchdog = 10", "or 0 for off"),
+            (
+                "dry_run_vm_timeout = 30",
+                "or 0 for a dry-run without the VM",
+            ),
         ];
         for (line, why) in cases {
             let err = parse_fragment(p("v.toml"), &format!("\n[update]\n{line}\n")).unwrap_err();

@@ -258,6 +258,7 @@ pub fn fall_back(m: &Manifest, failures: &[UnitFailure]) -> Result<String, Fallb
             kernel: here.clone(),
             failures: failures.to_vec(),
         }),
+        dry_run: false,
         units: Vec::new(),
     };
     let handoff = Path::new(HANDOFF_DIR);

@@ -20,6 +20,7 @@ pub mod luo_store;
 pub mod manifest;
 pub mod nft;
 pub mod page_server;
+pub mod qemu;
 pub mod restore;
 pub mod stage;
 pub mod systemd;

@@ -52,6 +52,10 @@ pub struct Manifest {
     /// handoff that fails again does not bounce back; it keeps the images and reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<FallbackOf>,
+    /// A dry-run's handoff, restored in its throwaway VM only: the restoring boot reports and
+    /// powers off instead of blessing or falling back (`crate::dryrun`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
     pub units: Vec<UnitImage>,
 }
 
@@ -396,6 +400,7 @@ mod tests {
                     reason: "health check failed".to_string(),
                 }],
             }),
+            dry_run: false,
             units: vec![
                 UnitImage {
                     unit: "memcached.service".to_string(),

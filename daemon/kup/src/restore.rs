@@ -415,6 +415,9 @@ pub fn netlock() -> Result<usize, RestoreError> {
         nft::lock(&u.unit, &u.tcp)?;
         n += u.tcp.len();
     }
+    if m.dry_run {
+        crate::dryrun::vm_network(&m);
+    }
     Ok(n)
 }
 
@@ -492,6 +495,10 @@ pub fn finish() -> Result<String, RestoreError> {
     let m = manifest::read(dir)?;
     let _ = std::fs::remove_file(Path::new(RUN_DIR).join("pending"));
     let failures = fallback::verify(&m);
+    // A dry-run's throwaway VM: report and power off; nothing to bless, release or fall back from.
+    if m.dry_run {
+        return crate::dryrun::vm_finish(&m, &failures).map_err(RestoreError::NotRestored);
+    }
     fallback::unlock_running(&m, &failures);
     if !failures.is_empty() {
         let list = failures

@@ -506,6 +506,7 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         restore: plan.restore,
         checks: plan.checks,
         fallback: None,
+        dry_run: false,
         units: Vec::new(),
     };
     manifest::write_atomic(handoff, &m)?;
@@ -657,7 +658,11 @@ pub(crate) fn check_images(unit: &str, images: &Path) -> Result<(), UpdateError>
 /// What the early boot reads without parsing JSON, beside the manifest: which handoff this is, and
 /// the PID floor (every PID of a dumped tree stays free). Synced to disk with everything before.
 pub(crate) fn write_boot_files(m: &Manifest) -> Result<(), UpdateError> {
-    let handoff = Path::new(HANDOFF_DIR);
+    write_boot_files_in(Path::new(HANDOFF_DIR), m)
+}
+
+/// [`write_boot_files`] into the handoff directory `handoff` (a dry-run's is not the real one).
+pub(crate) fn write_boot_files_in(handoff: &Path, m: &Manifest) -> Result<(), UpdateError> {
     let floor = m
         .units
         .iter()
@@ -666,8 +671,8 @@ pub(crate) fn write_boot_files(m: &Manifest) -> Result<(), UpdateError> {
         .copied()
         .unwrap_or(0);
     let write = |name: &str, text: String| {
-        std::fs::write(handoff.join(name), text)
-            .map_err(io(format!("writing {HANDOFF_DIR}/{name}")))
+        let path = handoff.join(name);
+        std::fs::write(&path, text).map_err(io(format!("writing {}", path.display())))
     };
     write("pid-floor", format!("{floor}\n"))?;
     write("id", format!("{}\n", m.id))?;
@@ -933,20 +938,30 @@ pub(crate) fn dump_unit(
         t.elapsed().as_secs_f64(),
         tcp.len()
     );
-    Ok((
-        UnitImage {
-            unit: unit.to_owned(),
-            main_pid: pid,
-            pids,
-            images: images.display().to_string(),
-            external: stdio.external,
-            inherit: stdio.inherit,
-            tcp,
-            health: None,
-            state: UnitState::Dumped,
-        },
-        t,
-    ))
+    Ok((dumped_image(unit, pid, pids, images, stdio, tcp), t))
+}
+
+/// What a manifest lists for a unit checkpointed whole into `images` (its health command is the
+/// caller's to add).
+pub(crate) fn dumped_image(
+    unit: &str,
+    pid: i32,
+    pids: Vec<i32>,
+    images: &Path,
+    stdio: criu::Stdio,
+    tcp: Vec<crate::tcp::TcpConn>,
+) -> UnitImage {
+    UnitImage {
+        unit: unit.to_owned(),
+        main_pid: pid,
+        pids,
+        images: images.display().to_string(),
+        external: stdio.external,
+        inherit: stdio.inherit,
+        tcp,
+        health: None,
+        state: UnitState::Dumped,
+    }
 }
 
 /// Undoes what a CRIU that failed or died may have left on `unit`'s tree `pids`: its network-lock

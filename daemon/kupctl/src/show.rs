@@ -104,6 +104,9 @@ pub fn dry_run_text(report: &DryRunReport) -> String {
         .map(|u| (u.name.as_str(), u.restorable, u.reason.as_str()))
         .collect();
     out.push_str(&unit_table("RESTORABLE", &rows));
+    if !report.vm.is_empty() {
+        let _ = writeln!(out, "throwaway VM: {}", report.vm);
+    }
     let _ = writeln!(out, "not checked: {}", report.not_checked);
     out
 }

@@ -87,6 +87,7 @@ impl Engine for KupEngine {
             target: r.target,
             refusal: r.refusal,
             not_checked: r.not_checked,
+            vm: r.vm,
             units: r
                 .units
                 .into_iter()
@@ -96,6 +97,7 @@ impl Engine for KupEngine {
                     reason: u.reason,
                     dump_seconds: u.dump_seconds,
                     image_mib: u.image_mib,
+                    restored_in_vm: u.restored_in_vm,
                 })
                 .collect(),
         })

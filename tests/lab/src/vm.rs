@@ -34,6 +34,8 @@ pub struct StartOptions {
     /// Boot through UEFI firmware and systemd-boot (with `kernel`'s entry the default) instead of
     /// QEMU's `-kernel`.
     pub firmware: bool,
+    /// The root overlay honours the guest's flushes (cache=writeback, not unsafe).
+    pub disk_flush: bool,
 }
 
 /// The saved state of the running guest.
@@ -275,8 +277,13 @@ pub fn start(dir: &Path, image: &Image, opts: &StartOptions) -> Result<Up> {
     .args([
         "-drive",
         &format!(
-            "file={},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
-            overlay.display()
+            "file={},if=virtio,format=qcow2,cache={},discard=unmap",
+            overlay.display(),
+            if opts.disk_flush {
+                "writeback"
+            } else {
+                "unsafe"
+            }
         ),
     ])
     .args([

@@ -53,6 +53,11 @@ enum Cmd {
         /// Seconds to wait for multi-user.target.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// The root disk's overlay honours the guest's flushes (QEMU cache=writeback instead of
+        /// unsafe): after a `sync` in the guest, the overlay file on the host holds everything
+        /// written before it, so a second QEMU on the host may read it (the dry-run test).
+        #[arg(long)]
+        disk_flush: bool,
     },
     /// Run CMD as root in the guest through a shell; exits with CMD's status.
     Exec {
@@ -110,6 +115,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             forwards,
             payload_tree,
             timeout,
+            disk_flush,
         } => {
             let recipe = recipe()?;
             let forwards = forwards
@@ -133,6 +139,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 payload_tree,
                 boot_timeout: Duration::from_secs(timeout),
                 firmware,
+                disk_flush,
             };
             let up = vm::start(&dir, &img, &opts)?;
             eprintln!(

@@ -6,6 +6,7 @@ pub mod disk_probe;
 pub mod kup_kernels;
 pub mod memcached;
 pub mod redis;
+pub mod vm_relay;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -79,6 +80,12 @@ impl Lab {
     /// entry). `tree` is the payload, the guest's memcached is on 127.0.0.1:`port`.
     pub fn boot_firmware(&self, tree: &std::path::Path, port: u16, kernel: &str) {
         self.start(&["--firmware", "--kernel", kernel], tree, port);
+    }
+
+    /// [`Lab::boot_old`] with a root disk that honours the guest's flushes (`lab start
+    /// --disk-flush`), so the host can read what the guest synced ([`vm_relay`]).
+    pub fn boot_old_flushing(&self, tree: &std::path::Path, port: u16) {
+        self.start(&["--kernel", OLD, "--disk-flush"], tree, port);
     }
 
     /// `lab start BOOT...` with 2 GiB, `tree` as the payload and memcached on `port` of the host.
