@@ -51,7 +51,9 @@ pub enum Command {
         fix: bool,
     },
     /// Dry-run an update: checkpoint every marked unit while it keeps running (each pauses for
-    /// its dump), check the checkpoints, switch nothing, and say per unit whether it is
+    /// its dump), check the checkpoints, restore them on the target kernel in a throwaway VM
+    /// (QEMU over a copy-on-write view of the root filesystem, no network; health commands run
+    /// there; `dry_run_vm_timeout` in kup.toml), switch nothing, and say per unit whether it is
     /// restorable and why not. Exits 1 when a unit is not, or the update would be refused.
     DryRun {
         /// Kernel release an update would switch to (default: the newest installed or staged).
