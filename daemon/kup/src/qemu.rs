@@ -55,22 +55,19 @@ pub struct RootFs {
 
 /// The filesystem mounted at `/` (the last mount there wins, as in the kernel's view). Pure.
 pub fn root_fs(mountinfo: &str) -> Option<RootFs> {
-    mountinfo
-        .lines()
-        .rev()
-        .find_map(|line| {
-            let (head, tail) = line.split_once(" - ")?;
-            let f: Vec<&str> = head.split_whitespace().collect();
-            let fstype = tail.split_whitespace().next()?;
-            if f.get(4) != Some(&"/") {
-                return None;
-            }
-            Some(RootFs {
-                device: (*f.get(2)?).to_owned(),
-                fs_root: (*f.get(3)?).to_owned(),
-                fstype: fstype.to_owned(),
-            })
+    mountinfo.lines().rev().find_map(|line| {
+        let (head, tail) = line.split_once(" - ")?;
+        let f: Vec<&str> = head.split_whitespace().collect();
+        let fstype = tail.split_whitespace().next()?;
+        if f.get(4) != Some(&"/") {
+            return None;
+        }
+        Some(RootFs {
+            device: (*f.get(2)?).to_owned(),
+            fs_root: (*f.get(3)?).to_owned(),
+            fstype: fstype.to_owned(),
         })
+    })
 }
 
 /// `DEVNAME` of a sysfs `uevent` file (`/sys/dev/block/MAJ:MIN/uevent`). Pure.

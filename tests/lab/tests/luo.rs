@@ -4,7 +4,10 @@
 //! disk, and gives the target `kho=on liveupdate=on`. Hop 2, 7.2.13-kup -> 7.3.4-kup: the
 //! checkpoint stays in RAM across the kexec (LUO), nothing of it is written to disk. memcached keeps
 //! its PID and every key across both. The disk-write probe reports what the root disk wrote from
-//! just before each `kupctl update` to the kexec, read from the serial console on the host.
+//! just before each `kupctl update` to the kexec, read from the serial console on the host. Hop 3,
+//! the luo row of the fault matrix: 7.3.4-kup -> 7.2.13-kup with the images in RAM, where
+//! memcached's health command fails; kup falls back to 7.3.4-kup through the disk (the units
+//! restored from RAM are checkpointed again onto the disk) with every key of both services.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod common;
@@ -252,4 +255,62 @@ fn luo_keeps_the_checkpoint_in_ram_across_the_kexec_on_kup_kernels() {
     let pids = (pid.as_str(), redis_pid.as_str());
     hop(&lab, port, pids, redis, KUP_72, "hop1", Via::Disk);
     hop(&lab, port, pids, redis, KUP_73, "hop2", Via::Ram);
+    falls_back_from_ram(&lab, port, pids, redis);
+}
+
+/// Hop 3: an update with the images in RAM to 7.2.13-kup, where memcached's health command fails.
+/// kup checkpoints both units again there (every page in first) onto the disk and kexecs back to
+/// 7.3.4-kup, which restores them: same PIDs, every key, `fell-back` with the reason.
+fn falls_back_from_ram(lab: &Lab, port: u16, pids: (&str, &str), redis: u16) {
+    let (pid, redis_pid) = pids;
+    let unhealthy = format!(
+        "[[unit]]\nname = \"memcached.service\"\nhealth = \"test \\\"$(uname -r)\\\" != {KUP_72} || {{ echo unhealthy on {KUP_72}; exit 1; }}\"\n"
+    );
+    lab.exec(&format!(
+        "mkdir -p /etc/kup/kup.d && cat > /etc/kup/kup.d/50-unhealthy.toml <<'EOF'\n{unhealthy}EOF"
+    ));
+    let t0 = Instant::now();
+    lab.begin_switch(&format!("kupctl update --kernel {KUP_72}"));
+    // Two kernel switches: to 7.2.13-kup, which fails and falls back, then to 7.3.4-kup.
+    let (k, _) = up_line(&lab.ok(&["wait", "--timeout", "900"]));
+    eprintln!(
+        "luo update to {KUP_72} failing there: back at multi-user on {k} after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let finish = lab.exec("journalctl -b -1 -u kup-restore-finish -o cat --no-pager");
+    eprintln!("on {KUP_72}:\n{finish}");
+    let old = lab.exec(
+        "journalctl -b -2 -o cat --no-pager _SYSTEMD_UNIT=kupd.service | grep 'kup:' || true",
+    );
+    assert!(
+        old.contains("kup: kept in RAM (LUO): "),
+        "the update to {KUP_72} kept the images in RAM:\n{old}"
+    );
+    assert_eq!(k, KUP_73, "the guest fell back to the previous kernel");
+    assert!(
+        finish.contains(&format!("unhealthy on {KUP_72}"))
+            && finish.contains(&format!("falling back to {KUP_73}")),
+        "{finish}"
+    );
+    common::assert_memcached_kept(lab, port, pid, KEYS, "the fallback from RAM");
+    assert_eq!(
+        lab.exec("systemctl show -p MainPID --value redis-server"),
+        redis_pid,
+        "redis keeps its PID across the fallback"
+    );
+    assert_eq!(
+        common::redis::verify(redis, REDIS_KEYS).unwrap(),
+        (REDIS_KEYS, 0)
+    );
+    let status = lab.exec("kupctl status --json");
+    assert!(status.contains("\"result\": \"fell-back\""), "{status}");
+    assert!(
+        status.contains(&format!("unhealthy on {KUP_72}")),
+        "{status}"
+    );
+    assert_eq!(
+        lab.exec("for i in $(seq 240); do [ -z \"$(ls -A /var/lib/kup/images)\" ] && break; sleep 0.5; done; ls -A /var/lib/kup/images"),
+        "",
+        "every image is released once the fallback is restored"
+    );
 }
