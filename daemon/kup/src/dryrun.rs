@@ -128,7 +128,13 @@ pub fn run(settings: &Settings, kernel: Option<&str>) -> Result<Report, UpdateEr
     } else if settings.update.dry_run_vm_timeout == 0 {
         "none: dry_run_vm_timeout = 0".to_owned()
     } else {
-        match throwaway_vm(settings, &target, &scratch, images) {
+        // The checkpoints' size, as the trial measured it.
+        let image_mib = units
+            .iter()
+            .filter(|u| u.restorable)
+            .map(|u| u.image_mib)
+            .sum();
+        match throwaway_vm(settings, &target, &scratch, images, image_mib) {
             Ok((what, report)) => {
                 merge(&mut units, &target.version, &report);
                 what
@@ -190,13 +196,14 @@ fn merge(units: &mut [UnitVerdict], kernel: &str, report: &VmReport) {
     }
 }
 
-/// Restores `units` (checkpointed into `scratch`) on `target` in a throwaway VM. Returns what the VM
-/// did and its report, or why there was no report.
+/// Restores `units` (checkpointed into `scratch`, `image_mib` in all) on `target` in a throwaway
+/// VM. Returns what the VM did and its report, or why there was no report.
 fn throwaway_vm(
     settings: &Settings,
     target: &stage::KernelImage,
     scratch: &Path,
     units: Vec<UnitImage>,
+    image_mib: u64,
 ) -> Result<(String, VmReport), String> {
     let qemu_bin = qemu::find_qemu().map_err(|e| e.to_string())?;
     let (root, device) = qemu::root_device().map_err(|e| e.to_string())?;
@@ -223,12 +230,9 @@ fn throwaway_vm(
             target.initrd.display()
         ));
     }
-    let image_mib: u64 = units
-        .iter()
-        .map(|u| update::dir_bytes(Path::new(&u.images)) >> 20)
-        .sum();
     let memory_mib = image_mib + qemu::BASE_MEMORY_MIB;
-    let available = mem_available_mib();
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .map_or(0, |m| update::meminfo_kib(&m, "MemAvailable") >> 10);
     if memory_mib > available {
         return Err(qemu::VmError::Memory {
             need: memory_mib,
@@ -337,18 +341,6 @@ fn throwaway_vm(
                 .join(" | ")
         )),
     }
-}
-
-/// `MemAvailable` in MiB (0 when unreadable).
-fn mem_available_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib >> 10)
 }
 
 /// The trial checkpoint of one unit into `images` (kept for the VM when whole; CRIU's log kept in
