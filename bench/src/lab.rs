@@ -102,7 +102,7 @@ impl Scenario {
                 "[update]\nprecopy_rounds = 3\nrestore = \"eager\"\n\n[[unit]]\nname = \"memcached.service\"\n"
             }
             Scenario::Luo => {
-                "[update]\nbackend = \"luo\"\nprecopy_rounds = 3\nrestore = \"lazy\"\n\n[[unit]]\nname = \"memcached.service\"\n"
+                "[update]\nbackend = \"luo\"\nluo_disk_copy = false\nprecopy_rounds = 3\nrestore = \"lazy\"\n\n[[unit]]\nname = \"memcached.service\"\n"
             }
         }
     }
@@ -441,12 +441,13 @@ mod tests {
         assert!(Scenario::Kup.config().contains("precopy_rounds = 3"));
         assert!(Scenario::Lazy.config().contains("precopy_rounds = 0"));
         assert_eq!(Scenario::Kup.kind(), Kind::Kup);
-        // luo is kup with everything on, the images in RAM instead of on disk.
+        // luo is kup with everything on, the images in RAM instead of on disk (no disk copy).
         assert_eq!(
             Scenario::Luo.config(),
-            Scenario::Kup
-                .config()
-                .replace("[update]\n", "[update]\nbackend = \"luo\"\n")
+            Scenario::Kup.config().replace(
+                "[update]\n",
+                "[update]\nbackend = \"luo\"\nluo_disk_copy = false\n"
+            )
         );
         assert_eq!(Scenario::Luo.kind(), Kind::Kup);
         assert!(!Scenario::Kup.config().contains("backend"));

@@ -42,18 +42,27 @@ refuse() {
     echo "$1" > /run/kup/refused
     warn "kup: handoff $id cannot be restored: $1"
 }
-# luo backend: the images are in RAM, handed over by the kernel (LUO); only a kexec keeps them.
+# luo backend: the images are in RAM, handed over by the kernel (LUO); only a kexec keeps them. A
+# boot through the firmware restores from the disk copy (luo_disk_copy), when the update made one.
 luo=
 grep -q '"backend": *"luo"' "$manifest" 2>/dev/null && luo=1
+copy=
+grep -q '"disk_copy": *"' "$manifest" 2>/dev/null && copy=1
 if [ ! -r "$manifest" ]; then
     refuse "no manifest at /var/lib/kup/handoff/manifest.json nor its copy manifest.copy.json"
 elif [ "$ondisk" != "$id" ]; then
     refuse "the manifest on disk belongs to handoff $ondisk, not $id"
-elif [ -n "$luo" ] && [ -e /run/kup/resumed ]; then
-    refuse "its images were kept in RAM (backend \"luo\") and a boot through the firmware does not keep RAM: the units start afresh (set backend = \"disk\" where a crash must not lose them)"
+elif [ -n "$luo" ] && [ -e /run/kup/resumed ] && [ -z "$copy" ]; then
+    refuse "its images were kept in RAM only (backend \"luo\", luo_disk_copy = false) and a boot through the firmware does not keep RAM: the units start afresh (keep luo_disk_copy = true where a crash must not lose them)"
 else
-    if [ -n "$luo" ] && [ ! -c /dev/liveupdate ]; then
-        warn "kup: handoff $id kept its images in RAM, but this kernel has no /dev/liveupdate (no LUO, or booted without kho=on liveupdate=on): kup-luo.service cannot take them back and the restore fails"
+    if [ -n "$luo" ] && [ -e /run/kup/resumed ]; then
+        warn "kup: handoff $id kept its images in RAM, lost with this boot through the firmware: kup-luo.service takes them from the disk copy"
+    elif [ -n "$luo" ] && [ ! -c /dev/liveupdate ]; then
+        if [ -n "$copy" ]; then
+            warn "kup: handoff $id kept its images in RAM, but this kernel has no /dev/liveupdate (no LUO, or booted without kho=on liveupdate=on): kup-luo.service takes them from the disk copy"
+        else
+            warn "kup: handoff $id kept its images in RAM, but this kernel has no /dev/liveupdate (no LUO, or booted without kho=on liveupdate=on) and the update made no disk copy: kup-luo.service cannot take them back and the restore fails"
+        fi
     fi
     # The restored processes need their old PIDs. Start every later process above the highest of them,
     # so nothing that boots from here on can take one (processes alive now are few and low).

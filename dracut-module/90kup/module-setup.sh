@@ -12,5 +12,5 @@ depends() {
 
 install() {
     inst_hook pre-pivot 90 "$moddir/kup-handoff.sh"
-    inst_multiple cat mkdir rm mv
+    inst_multiple cat mkdir rm mv grep
 }

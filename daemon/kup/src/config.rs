@@ -10,6 +10,7 @@
 //! [update]
 //! kernel = "6.12.117+deb13-cloud-amd64"   # optional staged target; "" or absent = newest installed
 //! backend = "disk"                        # or "luo": images kept in RAM across the kexec
+//! luo_disk_copy = true                    # luo: also a copy in image_dir, for a boot through the firmware
 //! image_dir = "/var/lib/kup/images"
 //! extra_cmdline = ""                      # appended to the new kernel's command line
 //! precopy_rounds = 0                      # 0..=16
@@ -254,6 +255,11 @@ pub struct UpdateSettings {
     pub kernel: Option<String>,
     pub backend: Backend,
     pub image_dir: PathBuf,
+    /// With the luo backend, a copy of the images also goes to `image_dir` (the pre-copy rounds
+    /// while the units serve, the final dumps frozen), so that a boot through the firmware (the new
+    /// kernel panicked or hung, the power went) still restores them. Off: nothing reaches the disk,
+    /// and such a boot starts the units afresh.
+    pub luo_disk_copy: bool,
     /// Appended to the new kernel's command line; empty for none.
     pub extra_cmdline: String,
     /// CRIU pre-dump rounds before the final dump, `0..=16`.
@@ -285,6 +291,7 @@ impl Default for UpdateSettings {
             kernel: None,
             backend: Backend::Disk,
             image_dir: PathBuf::from(DEFAULT_IMAGE_DIR),
+            luo_disk_copy: true,
             extra_cmdline: String::new(),
             precopy_rounds: 0,
             store: Store::Auto,
@@ -340,6 +347,7 @@ pub struct UpdateFragment {
     pub backend: Option<Backend>,
     #[serde(default, deserialize_with = "de_image_dir")]
     pub image_dir: Option<PathBuf>,
+    pub luo_disk_copy: Option<bool>,
     #[serde(default, deserialize_with = "de_extra_cmdline")]
     pub extra_cmdline: Option<String>,
     #[serde(default, deserialize_with = "de_precopy_rounds")]
@@ -401,6 +409,9 @@ impl Settings {
         }
         if let Some(dir) = u.image_dir {
             self.update.image_dir = dir;
+        }
+        if let Some(copy) = u.luo_disk_copy {
+            self.update.luo_disk_copy = copy;
         }
         if let Some(extra) = u.extra_cmdline {
             self.update.extra_cmdline = extra;
@@ -665,6 +676,10 @@ mod tests {
         assert_eq!(s, Settings::default());
         assert_eq!(s.update.image_dir, PathBuf::from("/var/lib/kup/images"));
         assert_eq!(s.update.backend, Backend::Disk);
+        assert!(
+            s.update.luo_disk_copy,
+            "the luo backend keeps a disk copy unless told not to"
+        );
     }
 
     #[test]
@@ -674,6 +689,7 @@ mod tests {
 kernel = "6.12.117+deb13-cloud-amd64"
 backend = "disk"
 image_dir = "/srv/kup"
+luo_disk_copy = false
 extra_cmdline = "quiet"
 precopy_rounds = 3
 restore = "lazy"
@@ -696,6 +712,7 @@ name = "redis-server.service"
             Some("6.12.117+deb13-cloud-amd64")
         );
         assert_eq!(s.update.image_dir, PathBuf::from("/srv/kup"));
+        assert!(!s.update.luo_disk_copy);
         assert_eq!(s.update.extra_cmdline, "quiet");
         assert_eq!(s.update.precopy_rounds, 3);
         assert_eq!(s.update.restore, RestoreMode::Lazy);

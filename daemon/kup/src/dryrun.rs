@@ -249,6 +249,7 @@ fn throwaway_vm(
         cmdline_old: String::new(),
         backend: crate::config::Backend::Disk.as_str().into(),
         image_dir: scratch.display().to_string(),
+        disk_copy: None,
         restore: crate::config::RestoreMode::Eager,
         checks: manifest::Checks {
             health_timeout: settings.update.health_timeout,

@@ -251,6 +251,7 @@ pub fn fall_back(m: &Manifest, failures: &[UnitFailure]) -> Result<String, Fallb
             .to_owned(),
         backend: backend.clone(),
         image_dir: image_dir.display().to_string(),
+        disk_copy: None,
         restore: m.restore,
         checks: m.checks,
         fallback: Some(FallbackOf {
@@ -302,6 +303,10 @@ pub fn fall_back(m: &Manifest, failures: &[UnitFailure]) -> Result<String, Fallb
         manifest::write_atomic(handoff, &next)?;
     }
     update::write_boot_files(&next)?;
+    // The way back has its own images on disk now; a luo handoff's disk copy is spent.
+    if let Some(copy) = &m.disk_copy {
+        let _ = std::fs::remove_dir_all(copy);
+    }
     if let Err(e) = kexec::load(&target)
         .and_then(|()| kexec::switch(m.checks.kexec_watchdog, &m.from_kernel, &target.version))
     {
@@ -316,26 +321,10 @@ pub fn fall_back(m: &Manifest, failures: &[UnitFailure]) -> Result<String, Fallb
     ))
 }
 
-/// Copies an image tree, following the luo backend's links to the files it holds open (a
-/// pre-copy round's `parent` link stays a link).
+/// Copies an image tree afresh, following the luo backend's links to the files it holds open.
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     let _ = std::fs::remove_dir_all(to);
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        let (src, dst) = (e.path(), to.join(e.file_name()));
-        let link = std::fs::read_link(&src).ok();
-        match link {
-            Some(target) if !target.starts_with("/proc/") => {
-                std::os::unix::fs::symlink(target, &dst)?;
-            }
-            _ if std::fs::metadata(&src)?.is_dir() => copy_tree(&src, &dst)?,
-            _ => {
-                std::fs::copy(&src, &dst)?;
-            }
-        }
-    }
-    std::fs::File::open(to)?.sync_all()
+    crate::luo_store::copy_out(from, to).map(|_| ())
 }
 
 /// Aborted fallback: the units checkpointed on this kernel run here again; the ones that never

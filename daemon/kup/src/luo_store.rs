@@ -41,6 +41,10 @@ pub enum StoreError {
         "{LUO_INDEX} in {HANDOFF_DIR} is damaged ({0}); the images kept in RAM cannot be found"
     )]
     Index(String),
+    #[error(
+        "handoff {0} kept its images in RAM only (luo_disk_copy = false), and {1}: they are lost; keep luo_disk_copy = true where that must not happen"
+    )]
+    NoDiskCopy(String, String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -218,6 +222,78 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The images kept in RAM are not here (`why`): from now on the handoff is a disk handoff on its
+/// disk copy (`luo_disk_copy`): `backend` disk, `image_dir` and every unit's `images` there. Fails
+/// when the update made no copy.
+fn from_disk_copy(handoff: &Path, m: &manifest::Manifest, why: &str) -> Result<String, StoreError> {
+    let copy = m
+        .disk_copy
+        .clone()
+        .ok_or_else(|| StoreError::NoDiskCopy(m.id.clone(), why.to_owned()))?;
+    manifest::update(handoff, |m| {
+        m.backend = crate::config::Backend::Disk.as_str().into();
+        m.image_dir.clone_from(&copy);
+        m.disk_copy = None;
+        for u in &mut m.units {
+            u.images = Path::new(&copy).join(&u.unit).display().to_string();
+        }
+    })?;
+    let msg = format!(
+        "handoff {} kept its images in RAM, but {why}: they come from the disk copy in {copy}",
+        m.id
+    );
+    tracing::warn!(kup_phase = "restore", "kup: {msg}");
+    Ok(ready(msg))
+}
+
+/// Tells systemd the claim is done (the units may restore now), with `status`; returns it.
+fn ready(status: String) -> String {
+    let _ = libsystemd::daemon::notify(
+        false,
+        &[
+            libsystemd::daemon::NotifyState::Ready,
+            libsystemd::daemon::NotifyState::Status(status.clone()),
+        ],
+    );
+    status
+}
+
+/// Copies into `to` every file of the tree `from` that `to` lacks, or has with another size or
+/// an older modification time, following the links into `/proc` that the claim lays out (a
+/// pre-copy round's `parent` link stays a link). Returns the bytes copied. Used for the disk copy
+/// (`luo_disk_copy`: first the pre-copy rounds, then only the final dumps) and for the way back
+/// of a fallback.
+pub fn copy_out(from: &Path, to: &Path) -> std::io::Result<u64> {
+    std::fs::create_dir_all(to)?;
+    let mut bytes = 0;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if let Ok(target) = std::fs::read_link(&src) {
+            if !target.starts_with("/proc/") {
+                if std::fs::read_link(&dst).ok().as_ref() != Some(&target) {
+                    let _ = std::fs::remove_file(&dst);
+                    std::os::unix::fs::symlink(&target, &dst)?;
+                }
+                continue;
+            }
+        }
+        let meta = std::fs::metadata(&src)?;
+        if meta.is_dir() {
+            bytes += copy_out(&src, &dst)?;
+            continue;
+        }
+        let current = std::fs::metadata(&dst).is_ok_and(|d| {
+            d.is_file() && d.len() == meta.len() && d.modified().ok() >= meta.modified().ok()
+        });
+        if !current {
+            bytes += std::fs::copy(&src, &dst)?;
+        }
+    }
+    std::fs::File::open(to)?.sync_all()?;
+    Ok(bytes)
+}
+
 /// `kup-restore luo-claim` (kup-luo.service, before any unit is restored): takes the session of
 /// the pending handoff back, checks it against the index, lays the tree out at the manifest's
 /// image directory, tells systemd it is ready, then holds each unit's files until its images are
@@ -226,17 +302,34 @@ pub fn claim() -> Result<String, StoreError> {
     let handoff = Path::new(HANDOFF_DIR);
     let m = manifest::read(handoff)?;
     if m.backend != crate::config::Backend::Luo.as_str() {
-        return Ok(format!(
+        return Ok(ready(format!(
             "handoff {} keeps its images on disk; nothing to take from RAM",
             m.id
-        ));
+        )));
+    }
+    // A boot through the firmware (the new kernel panicked or hung, the power went): RAM is gone,
+    // the disk copy is what is left.
+    if crate::restore::resumed() {
+        return from_disk_copy(handoff, &m, "a boot through the firmware does not keep RAM");
     }
     let text = std::fs::read_to_string(handoff.join(LUO_INDEX))
         .map_err(io(format!("reading {HANDOFF_DIR}/{LUO_INDEX}")))?;
     let index = Index::parse(&text).map_err(StoreError::Index)?;
     let root = PathBuf::from(&m.image_dir);
     let t = Instant::now();
-    let mut session = luo::retrieve_tree(&root, &index, std::process::id())?;
+    // A kernel without LUO (or booted without `liveupdate=on`), or a session that did not come
+    // through: the disk copy, where the update made one.
+    let mut session = match luo::retrieve_tree(&root, &index, std::process::id()) {
+        Ok(session) => session,
+        Err(e) if m.disk_copy.is_some() => {
+            return from_disk_copy(
+                handoff,
+                &m,
+                &format!("they cannot be taken back from RAM ({e})"),
+            );
+        }
+        Err(e) => return Err(e.into()),
+    };
     let bytes: u64 = index.files.iter().map(|f| f.size).sum();
     let took = format!(
         "took {} files ({} MiB) of LUO session {} back in {:.2} s, at {}",
@@ -247,13 +340,7 @@ pub fn claim() -> Result<String, StoreError> {
         root.display()
     );
     tracing::info!(kup_phase = "restore", "kup: {took}");
-    let _ = libsystemd::daemon::notify(
-        false,
-        &[
-            libsystemd::daemon::NotifyState::Ready,
-            libsystemd::daemon::NotifyState::Status(took.clone()),
-        ],
-    );
+    let took = ready(took);
     let mut held = index.tokens_by_unit();
     while !held.is_empty() {
         std::thread::sleep(Duration::from_millis(500));
@@ -288,6 +375,64 @@ mod tests {
         assert!(is_mount_point(mi, Path::new("/run/kup/luo")));
         assert!(is_mount_point(mi, Path::new("/run")));
         assert!(!is_mount_point(mi, Path::new("/run/kup")));
+    }
+
+    #[test]
+    fn the_disk_copy_takes_only_what_it_lacks_and_keeps_round_links() {
+        let t = tempfile::tempdir().unwrap();
+        let (from, to) = (t.path().join("luo"), t.path().join("copy"));
+        let unit = from.join("memcached.service");
+        std::fs::create_dir_all(unit.join("pre-1")).unwrap();
+        std::fs::create_dir_all(unit.join("pre-2")).unwrap();
+        std::fs::write(unit.join("pre-1/pages-1.img"), vec![1u8; 8192]).unwrap();
+        std::fs::write(unit.join("pre-2/pages-1.img"), vec![2u8; 4096]).unwrap();
+        std::os::unix::fs::symlink("../pre-1", unit.join("pre-2/parent")).unwrap();
+        // First pass, the pre-copy rounds: everything.
+        assert_eq!(copy_out(&from, &to).unwrap(), 8192 + 4096);
+        let copied = to.join("memcached.service");
+        assert_eq!(
+            std::fs::read_link(copied.join("pre-2/parent")).unwrap(),
+            Path::new("../pre-1"),
+            "a round's parent link stays a link"
+        );
+        // Second pass, after the final dump: only its files, and a round file rewritten since.
+        std::fs::write(unit.join("pages-1.img"), vec![3u8; 100]).unwrap();
+        std::os::unix::fs::symlink("pre-2", unit.join("parent")).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(unit.join("pre-2/pages-1.img"), vec![4u8; 4096]).unwrap();
+        assert_eq!(copy_out(&from, &to).unwrap(), 100 + 4096);
+        assert_eq!(
+            std::fs::read(copied.join("pages-1.img")).unwrap(),
+            vec![3u8; 100]
+        );
+        assert_eq!(
+            std::fs::read(copied.join("pre-2/pages-1.img")).unwrap(),
+            vec![4u8; 4096]
+        );
+        assert_eq!(
+            std::fs::read(copied.join("pre-1/pages-1.img")).unwrap(),
+            vec![1u8; 8192]
+        );
+        // Nothing new: nothing copied.
+        assert_eq!(copy_out(&from, &to).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_disk_copy_follows_the_claims_links_into_proc() {
+        let t = tempfile::tempdir().unwrap();
+        let (from, to) = (t.path().join("luo"), t.path().join("copy"));
+        std::fs::create_dir_all(&from).unwrap();
+        let f = std::fs::File::create(t.path().join("held")).unwrap();
+        std::fs::write(t.path().join("held"), b"pages").unwrap();
+        // As the claim lays the tree out: links to its open files.
+        std::os::unix::fs::symlink(
+            format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f)),
+            from.join("pages-1.img"),
+        )
+        .unwrap();
+        assert_eq!(copy_out(&from, &to).unwrap(), 5);
+        let meta = std::fs::symlink_metadata(to.join("pages-1.img")).unwrap();
+        assert!(meta.is_file(), "the file's content, not the link");
     }
 
     #[test]

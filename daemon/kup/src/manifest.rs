@@ -42,6 +42,10 @@ pub struct Manifest {
     pub backend: String,
     /// Directory holding the per-unit image directories.
     pub image_dir: String,
+    /// luo backend with `luo_disk_copy`: the directory on disk holding a copy of `image_dir` (one
+    /// directory per unit), for a boot through the firmware, which does not keep RAM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_copy: Option<String>,
     /// How the next kernel brings the memory back.
     #[serde(default)]
     pub restore: crate::config::RestoreMode,
@@ -385,6 +389,7 @@ mod tests {
             cmdline_old: "BOOT_IMAGE=/vmlinuz root=/dev/vda1 ro".to_string(),
             backend: "disk".to_string(),
             image_dir: "/var/lib/kup/images/1767225600-3f9a2c1b".to_string(),
+            disk_copy: None,
             restore: crate::config::RestoreMode::Lazy,
             checks: Checks {
                 health_timeout: 30,

@@ -558,6 +558,10 @@ pub fn finish() -> Result<String, RestoreError> {
             release_images(&u.unit, Path::new(&u.images));
         }
     }
+    // luo_disk_copy: the restore came from RAM; the copy for a boot through the firmware is spent.
+    if let Some(copy) = &m.disk_copy {
+        let _ = std::fs::remove_dir_all(copy);
+    }
     let done = dir.with_file_name("handoff.done");
     let _ = std::fs::remove_dir_all(&done);
     std::fs::rename(dir, &done).map_err(io("retiring the handoff directory"))?;
@@ -626,6 +630,13 @@ fn release_images(unit: &str, images: &Path) {
         }
     }
     let _ = std::fs::remove_dir_all(&claimed);
+    // The last unit restored from a luo handoff's disk copy leaves no empty copy behind.
+    if let Some(parent) = images.parent().filter(|p| {
+        p.file_name()
+            .is_some_and(|n| n == crate::update::DISK_COPY_DIR)
+    }) {
+        let _ = std::fs::remove_dir(parent);
+    }
 }
 
 #[cfg(test)]

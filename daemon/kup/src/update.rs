@@ -20,6 +20,8 @@ pub const PANIC_REBOOT_SECS: u32 = 10;
 /// The luo backend's image directory: a tmpfs of kup's own (its files are preserved by LUO across
 /// the kexec; on the new kernel the same paths lead to them again, `crate::luo::retrieve_tree`).
 pub const LUO_DIR: &str = "/run/kup/luo";
+/// The luo backend's disk copy (`luo_disk_copy`), in `image_dir`.
+pub const DISK_COPY_DIR: &str = "luo-copy";
 /// The luo backend's index of the preserved tree (`crate::luo::Index`), beside the manifest.
 pub const LUO_INDEX: &str = "luo.json";
 /// The drop-in name that keeps a unit from restarting while it is checkpointed.
@@ -65,6 +67,18 @@ pub enum UpdateError {
         free_mib: u64,
         need_mib: u64,
     },
+    #[error(
+        "the luo backend also copies the checkpoints to {dir} (luo_disk_copy), which has {free_mib} MiB free for about {need_mib} MiB; nothing was touched: free space there, point image_dir at a larger filesystem, or set luo_disk_copy = false in /etc/kup/kup.toml (a boot through the firmware then starts the units afresh)"
+    )]
+    NoSpaceForCopy {
+        dir: String,
+        free_mib: u64,
+        need_mib: u64,
+    },
+    #[error(
+        "the disk copy of the checkpoints kept in RAM (luo_disk_copy) failed: {0}; every unit was restored in place: check the disk under image_dir, or set luo_disk_copy = false in /etc/kup/kup.toml"
+    )]
+    DiskCopy(String),
     #[error(
         "the running kernel {version} cannot be the fallback if the restore fails on the new one: {reason}; fix: {fix}"
     )]
@@ -128,6 +142,9 @@ pub struct Plan {
     /// missing: `backend_note` says why).
     pub backend: Backend,
     pub backend_note: Option<String>,
+    /// luo backend with `luo_disk_copy`: where the copy of the images on disk goes
+    /// ([`DISK_COPY_DIR`] in `image_dir`).
+    pub disk_copy: Option<PathBuf>,
     /// Pre-copy rounds before the final dump (0 = none).
     pub precopy_rounds: u8,
     /// The form of the memory images: `Foam` or `Criu` (never `Auto`, see [`store_for`]).
@@ -193,6 +210,8 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
         Backend::Disk => settings.update.image_dir.clone(),
         Backend::Luo => PathBuf::from(LUO_DIR),
     };
+    let disk_copy = (backend == Backend::Luo && settings.update.luo_disk_copy)
+        .then(|| settings.update.image_dir.join(DISK_COPY_DIR));
     preflight_space(settings, backend)?;
     Ok(Plan {
         id,
@@ -201,6 +220,7 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
         image_dir,
         backend,
         backend_note,
+        disk_copy,
         precopy_rounds: settings.update.precopy_rounds,
         store: store_for(settings.update.store, backend, settings.update.restore),
         restore: settings.update.restore,
@@ -281,7 +301,8 @@ fn backend_for(
 
 /// The checkpoints must fit: the marked units' memory (anonymous and shared pages of every
 /// process, plus a tenth and 64 MiB for CRIU's metadata) against the free space of `image_dir`
-/// (disk), or the memory available beside the running units (luo).
+/// (disk), or the memory available beside the running units (luo), and then also the free space
+/// of `image_dir` for the disk copy (`luo_disk_copy`).
 fn preflight_space(settings: &Settings, backend: Backend) -> Result<(), UpdateError> {
     let mut need_kib = 0;
     for u in &settings.units {
@@ -305,7 +326,9 @@ fn preflight_space(settings: &Settings, backend: Backend) -> Result<(), UpdateEr
                 available_mib,
             });
         }
-        return Ok(());
+        if !settings.update.luo_disk_copy {
+            return Ok(());
+        }
     }
     // The directory may not exist yet: its nearest existing ancestor holds it then.
     let dir = &settings.update.image_dir;
@@ -317,10 +340,18 @@ fn preflight_space(settings: &Settings, backend: Backend) -> Result<(), UpdateEr
         .map(|s| (s.blocks_available() * s.fragment_size()) >> 20)
         .map_err(|e| io(format!("reading the free space of {}", existing.display()))(e.into()))?;
     if need_mib > free_mib {
-        return Err(UpdateError::NoSpace {
-            dir: dir.display().to_string(),
-            free_mib,
-            need_mib,
+        let dir = dir.display().to_string();
+        return Err(match backend {
+            Backend::Disk => UpdateError::NoSpace {
+                dir,
+                free_mib,
+                need_mib,
+            },
+            Backend::Luo => UpdateError::NoSpaceForCopy {
+                dir,
+                free_mib,
+                need_mib,
+            },
         });
     }
     Ok(())
@@ -503,6 +534,9 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
             .to_owned(),
         backend: plan.backend.as_str().into(),
         image_dir: plan.image_dir.display().to_string(),
+        // Named once the copy is whole (after the final dumps): a boot through the firmware before
+        // that finds no copy to trust and starts the units afresh.
+        disk_copy: None,
         restore: plan.restore,
         checks: plan.checks,
         fallback: None,
@@ -519,6 +553,9 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
             rollback(&m);
             return Err(UpdateError::Luo(e.to_string()));
         }
+    }
+    if let Some(copy) = &plan.disk_copy {
+        let _ = std::fs::remove_dir_all(copy);
     }
     // What does not need the services frozen happens while they still serve: the target kernel is
     // loaded now, not between the last pre-copy round and the final dumps (whatever the units
@@ -561,6 +598,12 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         ));
         memories.push(memory);
     }
+    // luo_disk_copy: the pre-copy rounds go to the disk copy while the units still serve.
+    if let Err(e) = copy_to_disk(plan, "pre-copy rounds, the units serving") {
+        kexec::unload();
+        rollback(&m);
+        return Err(e);
+    }
     // When the first final dump froze its unit: the downtime begins there.
     let mut frozen = None;
     for (i, unit) in plan.units.iter().enumerate() {
@@ -588,6 +631,18 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         // Nothing switched: every unit dumped so far (this one too, once in the manifest) comes
         // back in place.
         if let Err(e) = recorded {
+            kexec::unload();
+            rollback(&m);
+            return Err(e);
+        }
+    }
+    // luo_disk_copy: the final dumps too (frozen), before the holder takes the files; then the
+    // manifest names the copy (the last write of the manifest before the switch).
+    if let Some(copy) = &plan.disk_copy {
+        if let Err(e) = copy_to_disk(plan, "final dumps, the units frozen").and_then(|()| {
+            m.disk_copy = Some(copy.display().to_string());
+            manifest::write_atomic(handoff, &m).map_err(UpdateError::from)
+        }) {
             kexec::unload();
             rollback(&m);
             return Err(e);
@@ -636,6 +691,31 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         "kup: switching to {} {:.1} s after the first final dump froze its unit",
         plan.target.version,
         frozen.map_or(0.0, |t| t.elapsed().as_secs_f64())
+    );
+    Ok(())
+}
+
+/// luo backend with `luo_disk_copy`: copies what the image tree has that the disk copy lacks and
+/// syncs it, so that a boot through the firmware (which does not keep RAM) finds the images.
+fn copy_to_disk(plan: &Plan, when: &str) -> Result<(), UpdateError> {
+    let Some(copy) = &plan.disk_copy else {
+        return Ok(());
+    };
+    let t = std::time::Instant::now();
+    let bytes = crate::luo_store::copy_out(&plan.image_dir, copy).map_err(|e| {
+        UpdateError::DiskCopy(format!(
+            "copying {} to {}: {e}",
+            plan.image_dir.display(),
+            copy.display()
+        ))
+    })?;
+    nix::unistd::sync();
+    tracing::info!(
+        kup_phase = "dump",
+        "kup: disk copy ({when}): {} MiB to {} in {:.1} s",
+        bytes >> 20,
+        copy.display(),
+        t.elapsed().as_secs_f64()
     );
     Ok(())
 }

@@ -7,7 +7,14 @@
 //! just before each `kupctl update` to the kexec, read from the serial console on the host. Hop 3,
 //! the luo row of the fault matrix: 7.3.4-kup -> 7.2.13-kup with the images in RAM, where
 //! memcached's health command fails; kup falls back to 7.3.4-kup through the disk (the units
-//! restored from RAM are checkpointed again onto the disk) with every key of both services.
+//! restored from RAM are checkpointed again onto the disk) with every key of both services. Hop 4,
+//! the disk copy (`luo_disk_copy`, off in the hops before so that they write no image bytes): the
+//! update to 7.2.13-kup keeps the images in RAM and a copy on disk, the new kernel panics while it
+//! restores, the firmware boots Debian's 6.12 (RAM is gone), which restores both services from the
+//! disk copy. Hop 5, a target kernel without LUO: back to 7.3.4-kup (through the disk: 6.12 has no
+//! LUO), then an update to 7.2.13-kup booted with `liveupdate=off` (no /dev/liveupdate there): the
+//! images kept in RAM cannot be taken back, and kup-luo.service restores both services from the
+//! disk copy.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod common;
@@ -20,7 +27,7 @@ use common::{Lab, OLD, disk_probe, free_port, memcached, up_line};
 /// memcached marked, luo backend, pre-copy and lazy restore. `kexec_watchdog = 0`: kup's lab kernels have no driver for the
 /// lab's i6300esb watchdog (`kernel-patches/lab-modules` lacks it), so a watchdog armed for the
 /// switch on Debian's kernel would reset the guest ~180 s into the kup kernel.
-const CONFIG: &str = "[update]\nbackend = \"luo\"\nprecopy_rounds = 3\nrestore = \"lazy\"\nkexec_watchdog = 0\n\n[[unit]]\nname = \"memcached.service\"\n\n[[unit]]\nname = \"redis-server.service\"\n";
+const CONFIG: &str = "[update]\nbackend = \"luo\"\nluo_disk_copy = false\nprecopy_rounds = 3\nrestore = \"lazy\"\nkexec_watchdog = 0\n\n[[unit]]\nname = \"memcached.service\"\n\n[[unit]]\nname = \"redis-server.service\"\n";
 /// redis as the administrator runs it for kup: Debian's unit without its user namespace (kup
 /// refuses `PrivateUsers=`: docs/ARCHITECTURE.md), no RDB snapshots (their disk writes are not the
 /// images', and the test counts what reaches the disk).
@@ -48,7 +55,7 @@ enum Via {
 }
 
 fn hop(lab: &Lab, port: u16, pids: (&str, &str), redis: u16, kernel: &str, label: &str, via: Via) {
-    let (pid, redis_pid) = pids;
+    let pid = pids.0;
     let cmd = format!("kupctl update --kernel {kernel}");
     lab.exec(&disk_probe::start());
     let boot_before = lab.exec("cat /proc/sys/kernel/random/boot_id");
@@ -138,17 +145,8 @@ fn hop(lab: &Lab, port: u16, pids: (&str, &str), redis: u16, kernel: &str, label
     }
 
     assert_eq!(lab.exec("uname -r"), kernel);
-    common::assert_memcached_kept(lab, port, pid, KEYS, &format!("the update to {kernel}"));
     assert_eq!(lab.exec("systemctl is-active redis-server"), "active");
-    assert_eq!(
-        lab.exec("systemctl show -p MainPID --value redis-server"),
-        redis_pid,
-        "redis keeps its PID across the update to {kernel}"
-    );
-    assert_eq!(
-        common::redis::verify(redis, REDIS_KEYS).unwrap(),
-        (REDIS_KEYS, 0)
-    );
+    both_kept(lab, port, pids, redis, &format!("the update to {kernel}"));
     // Every page came in (lazy restore), then the images were released: on the luo path that frees
     // the memory the old kernel handed over, and kup-luo.service finishes the session and ends.
     let images_dir = if via == Via::Ram {
@@ -256,13 +254,15 @@ fn luo_keeps_the_checkpoint_in_ram_across_the_kexec_on_kup_kernels() {
     hop(&lab, port, pids, redis, KUP_72, "hop1", Via::Disk);
     hop(&lab, port, pids, redis, KUP_73, "hop2", Via::Ram);
     falls_back_from_ram(&lab, port, pids, redis);
+    resumes_from_the_disk_copy(&lab, port, pids, redis);
+    hop(&lab, port, pids, redis, KUP_73, "hop5", Via::Disk);
+    a_target_without_luo_takes_the_disk_copy(&lab, port, pids, redis);
 }
 
 /// Hop 3: an update with the images in RAM to 7.2.13-kup, where memcached's health command fails.
 /// kup checkpoints both units again there (every page in first) onto the disk and kexecs back to
 /// 7.3.4-kup, which restores them: same PIDs, every key, `fell-back` with the reason.
 fn falls_back_from_ram(lab: &Lab, port: u16, pids: (&str, &str), redis: u16) {
-    let (pid, redis_pid) = pids;
     let unhealthy = format!(
         "[[unit]]\nname = \"memcached.service\"\nhealth = \"test \\\"$(uname -r)\\\" != {KUP_72} || {{ echo unhealthy on {KUP_72}; exit 1; }}\"\n"
     );
@@ -292,25 +292,131 @@ fn falls_back_from_ram(lab: &Lab, port: u16, pids: (&str, &str), redis: u16) {
             && finish.contains(&format!("falling back to {KUP_73}")),
         "{finish}"
     );
-    common::assert_memcached_kept(lab, port, pid, KEYS, "the fallback from RAM");
-    assert_eq!(
-        lab.exec("systemctl show -p MainPID --value redis-server"),
-        redis_pid,
-        "redis keeps its PID across the fallback"
-    );
-    assert_eq!(
-        common::redis::verify(redis, REDIS_KEYS).unwrap(),
-        (REDIS_KEYS, 0)
-    );
+    both_kept(lab, port, pids, redis, "the fallback from RAM");
     let status = lab.exec("kupctl status --json");
     assert!(status.contains("\"result\": \"fell-back\""), "{status}");
     assert!(
         status.contains(&format!("unhealthy on {KUP_72}")),
         "{status}"
     );
+    images_released(lab);
+}
+
+/// Hop 4: `luo_disk_copy = true`. The update to 7.2.13-kup keeps the images in RAM and copies them
+/// to disk (the pre-copy rounds while the units serve, the final dumps frozen); 7.2.13-kup panics
+/// while it restores (a failpoint), and the firmware boots the lab's default kernel, Debian's 6.12,
+/// where RAM did not survive: the early boot and kup-luo.service take the disk copy, and both
+/// services come back with their PIDs and every key; the copy is removed once they are restored.
+fn resumes_from_the_disk_copy(lab: &Lab, port: u16, pids: (&str, &str), redis: u16) {
+    lab.exec(
+        "rm -f /etc/kup/kup.d/50-unhealthy.toml && printf '[update]\\nluo_disk_copy = true\\n' > /etc/kup/kup.d/60-disk-copy.toml",
+    );
+    assert!(
+        lab.exec("cat /etc/kup/kup.d/60-disk-copy.toml")
+            .contains("luo_disk_copy = true"),
+        "the drop-in is in place"
+    );
+    let t0 = Instant::now();
+    lab.begin_switch(&format!(
+        "kupctl update --kernel {KUP_72} --append kup.failpoints=restore-panic=return"
+    ));
+    let (k, _) = up_line(&lab.ok(&["wait", "--timeout", "900", "--crash-ok"]));
+    eprintln!(
+        "luo update with a disk copy to {KUP_72}, which panics: back at multi-user on {k} after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let console = lab.ok(&["console"]);
+    assert!(
+        console.contains(&format!("Linux version {KUP_72}"))
+            && console.contains("Kernel panic - not syncing: sysrq triggered crash"),
+        "{KUP_72} booted and panicked"
+    );
+    assert_eq!(k, OLD, "the firmware booted the lab's default kernel");
+    let copies = lab.exec(
+        "journalctl -o cat --no-pager _SYSTEMD_UNIT=kupd.service | grep -E 'kup: (disk copy|kept in RAM)' | tail -n 3",
+    );
+    eprintln!("kupd on {KUP_73}:\n{copies}");
+    assert!(
+        copies.contains("kup: disk copy (pre-copy rounds, the units serving): ")
+            && copies.contains("kup: disk copy (final dumps, the units frozen): ")
+            && copies.contains("kup: kept in RAM (LUO): "),
+        "the images were kept in RAM and copied to disk: {copies}"
+    );
+    let early = lab.exec("journalctl -b -o cat --no-pager | grep -E 'kup: (unfinished handoff|handoff .* disk copy)' || true");
+    assert!(early.contains("takes them from the disk copy"), "{early}");
+    let claim = lab.exec("journalctl -b -o cat --no-pager -u kup-luo.service");
+    eprintln!("kup-luo.service on {OLD}:\n{claim}");
+    assert!(
+        claim.contains("they come from the disk copy in /var/lib/kup/images/luo-copy"),
+        "{claim}"
+    );
+    both_kept(lab, port, pids, redis, "the boot through the firmware");
+    let status = lab.exec("kupctl status --json");
+    assert!(status.contains("\"result\": \"resumed\""), "{status}");
+    images_released(lab);
+}
+
+/// Hop 5: from 7.3.4-kup, with the disk copy on, an update to 7.2.13-kup with `liveupdate=off`
+/// appended: the images go into RAM (the running kernel has LUO) and to the disk copy, but the
+/// target has no /dev/liveupdate. kup-luo.service cannot take the session back, says so, and the
+/// handoff goes on from the disk copy: both services with their PIDs and every key, `restored`.
+fn a_target_without_luo_takes_the_disk_copy(lab: &Lab, port: u16, pids: (&str, &str), redis: u16) {
+    let t0 = Instant::now();
+    lab.begin_switch(&format!(
+        "kupctl update --kernel {KUP_72} --append liveupdate=off"
+    ));
+    let (k, _) = up_line(&lab.ok(&["wait", "--timeout", "600"]));
+    eprintln!(
+        "luo update with a disk copy to {KUP_72} booted with liveupdate=off: at multi-user on {k} after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(k, KUP_72);
+    assert_eq!(
+        lab.exec("test -e /dev/liveupdate && echo present || echo absent"),
+        "absent",
+        "liveupdate=off, appended after kup's liveupdate=on, leaves {KUP_72} without LUO: {}",
+        lab.exec("cat /proc/cmdline")
+    );
+    let old = lab.exec(
+        "journalctl -b -1 -o cat --no-pager _SYSTEMD_UNIT=kupd.service | grep -E 'kup: (disk copy|kept in RAM)' || true",
+    );
+    assert!(
+        old.contains("kup: kept in RAM (LUO): ") && old.contains("kup: disk copy (final dumps"),
+        "{old}"
+    );
+    let claim = lab.exec("journalctl -b -o cat --no-pager -u kup-luo.service");
+    eprintln!("kup-luo.service on {KUP_72} without LUO:\n{claim}");
+    assert!(
+        claim.contains("cannot be taken back from RAM")
+            && claim.contains("they come from the disk copy in /var/lib/kup/images/luo-copy"),
+        "{claim}"
+    );
+    both_kept(lab, port, pids, redis, "the update to a kernel without LUO");
+    let status = lab.exec("for i in $(seq 120); do [ -e /var/lib/kup/handoff ] || break; sleep 0.5; done; kupctl status --json");
+    assert!(status.contains("\"result\": \"restored\""), "{status}");
+    images_released(lab);
+}
+
+/// memcached and redis kept their PIDs (`pids`) and every key after `what`.
+fn both_kept(lab: &Lab, port: u16, pids: (&str, &str), redis: u16, what: &str) {
+    common::assert_memcached_kept(lab, port, pids.0, KEYS, what);
+    assert_eq!(
+        lab.exec("systemctl show -p MainPID --value redis-server"),
+        pids.1,
+        "redis keeps its PID across {what}"
+    );
+    assert_eq!(
+        common::redis::verify(redis, REDIS_KEYS).unwrap(),
+        (REDIS_KEYS, 0),
+        "redis keeps every key across {what}"
+    );
+}
+
+/// Every image on disk (a fallback's, a disk copy) is released once the units are restored.
+fn images_released(lab: &Lab) {
     assert_eq!(
         lab.exec("for i in $(seq 240); do [ -z \"$(ls -A /var/lib/kup/images)\" ] && break; sleep 0.5; done; ls -A /var/lib/kup/images"),
         "",
-        "every image is released once the fallback is restored"
+        "every image in /var/lib/kup/images is released once the units are restored"
     );
 }
