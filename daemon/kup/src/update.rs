@@ -599,10 +599,12 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         memories.push(memory);
     }
     // luo_disk_copy: the pre-copy rounds go to the disk copy while the units still serve.
-    if let Err(e) = copy_to_disk(plan, "pre-copy rounds, the units serving") {
-        kexec::unload();
-        rollback(&m);
-        return Err(e);
+    if let Some(copy) = &plan.disk_copy {
+        if let Err(e) = copy_to_disk(&plan.image_dir, copy, "pre-copy rounds, the units serving") {
+            kexec::unload();
+            rollback(&m);
+            return Err(e);
+        }
     }
     // When the first final dump froze its unit: the downtime begins there.
     let mut frozen = None;
@@ -639,10 +641,12 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
     // luo_disk_copy: the final dumps too (frozen), before the holder takes the files; then the
     // manifest names the copy (the last write of the manifest before the switch).
     if let Some(copy) = &plan.disk_copy {
-        if let Err(e) = copy_to_disk(plan, "final dumps, the units frozen").and_then(|()| {
-            m.disk_copy = Some(copy.display().to_string());
-            manifest::write_atomic(handoff, &m).map_err(UpdateError::from)
-        }) {
+        if let Err(e) = copy_to_disk(&plan.image_dir, copy, "final dumps, the units frozen")
+            .and_then(|()| {
+                m.disk_copy = Some(copy.display().to_string());
+                manifest::write_atomic(handoff, &m).map_err(UpdateError::from)
+            })
+        {
             kexec::unload();
             rollback(&m);
             return Err(e);
@@ -695,17 +699,15 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
     Ok(())
 }
 
-/// luo backend with `luo_disk_copy`: copies what the image tree has that the disk copy lacks and
-/// syncs it, so that a boot through the firmware (which does not keep RAM) finds the images.
-fn copy_to_disk(plan: &Plan, when: &str) -> Result<(), UpdateError> {
-    let Some(copy) = &plan.disk_copy else {
-        return Ok(());
-    };
+/// luo backend with `luo_disk_copy`: copies what the image tree `images` has that the disk copy
+/// `copy` lacks and syncs it, so that a boot through the firmware (which does not keep RAM) finds
+/// the images.
+fn copy_to_disk(images: &Path, copy: &Path, when: &str) -> Result<(), UpdateError> {
     let t = std::time::Instant::now();
-    let bytes = crate::luo_store::copy_out(&plan.image_dir, copy).map_err(|e| {
+    let bytes = crate::luo_store::copy_out(images, copy).map_err(|e| {
         UpdateError::DiskCopy(format!(
             "copying {} to {}: {e}",
-            plan.image_dir.display(),
+            images.display(),
             copy.display()
         ))
     })?;
