@@ -8,9 +8,7 @@
 //   luo-smoke retrieve NAME MIB   on the new kernel: retrieve session NAME, token 1, check every word
 //                                 of the pattern, FINISH the session; exit 0 when all is there
 //
-// Build: gcc -O2 -static -o luo-smoke luo-smoke.c (the ioctl numbers and layouts are those of
-// include/uapi/linux/liveupdate.h in Debian's 7.2.13 and 7.3.4, written out here so the host needs
-// no 7.x kernel headers).
+// Build: gcc -O2 -static -o luo-smoke luo-smoke.c (LUO's ioctls from luo-uapi.h, beside it).
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -22,18 +20,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define LIVEUPDATE_IOCTL_TYPE 0xBA
-#define LIVEUPDATE_IOCTL_CREATE_SESSION _IO(LIVEUPDATE_IOCTL_TYPE, 0x00)
-#define LIVEUPDATE_IOCTL_RETRIEVE_SESSION _IO(LIVEUPDATE_IOCTL_TYPE, 0x01)
-#define LIVEUPDATE_SESSION_PRESERVE_FD _IO(LIVEUPDATE_IOCTL_TYPE, 0x40)
-#define LIVEUPDATE_SESSION_RETRIEVE_FD _IO(LIVEUPDATE_IOCTL_TYPE, 0x41)
-#define LIVEUPDATE_SESSION_FINISH _IO(LIVEUPDATE_IOCTL_TYPE, 0x42)
-
-struct session_arg { uint32_t size; int32_t fd; uint8_t name[64]; };
-struct fd_arg { uint32_t size; int32_t fd; uint64_t token __attribute__((aligned(8))); };
-struct finish_arg { uint32_t size; uint32_t reserved; };
-_Static_assert(sizeof(struct session_arg) == 72, "layout");
-_Static_assert(sizeof(struct fd_arg) == 16, "layout");
+#include "luo-uapi.h"
 
 static void die(const char *what) {
 	fprintf(stderr, "luo-smoke: %s: %s\n", what, strerror(errno));

@@ -15,7 +15,7 @@
 //                                 there, the holes, the zero page and the shared mapping are holes;
 //                                 FINISH
 //
-// Build: gcc -O2 -static -o ppp-smoke ppp-smoke.c (the LUO ioctls as in luo-smoke.c). Exit status 0
+// Build: gcc -O2 -static -o ppp-smoke ppp-smoke.c (LUO's ioctls from luo-uapi.h, beside it). Exit status 0
 // when every test passed. Run by tests/lab/tests/ppp.rs through kernel-patches/boot-check.
 #define _GNU_SOURCE
 #include <errno.h>
@@ -35,18 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define LIVEUPDATE_IOCTL_TYPE 0xBA
-#define LIVEUPDATE_IOCTL_CREATE_SESSION _IO(LIVEUPDATE_IOCTL_TYPE, 0x00)
-#define LIVEUPDATE_IOCTL_RETRIEVE_SESSION _IO(LIVEUPDATE_IOCTL_TYPE, 0x01)
-#define LIVEUPDATE_SESSION_PRESERVE_FD _IO(LIVEUPDATE_IOCTL_TYPE, 0x40)
-#define LIVEUPDATE_SESSION_RETRIEVE_FD _IO(LIVEUPDATE_IOCTL_TYPE, 0x41)
-#define LIVEUPDATE_SESSION_FINISH _IO(LIVEUPDATE_IOCTL_TYPE, 0x42)
-
-struct session_arg { uint32_t size; int32_t fd; uint8_t name[64]; };
-struct fd_arg { uint32_t size; int32_t fd; uint64_t token __attribute__((aligned(8))); };
-struct finish_arg { uint32_t size; uint32_t reserved; };
-_Static_assert(sizeof(struct session_arg) == 72, "layout");
-_Static_assert(sizeof(struct fd_arg) == 16, "layout");
+#include "luo-uapi.h"
 
 #define PAGE 4096ul
 #define MIB (1ul << 20)

@@ -46,7 +46,9 @@ pub enum Scenario {
     /// kup with pre-copy (3 rounds) and an eager restore.
     PreCopy,
     /// kup with everything on and the images kept in RAM across the kexec (`backend = "luo"`):
-    /// needs LUO on both kernels (`--kup-kernels`). Counted as D_kup.
+    /// needs LUO on both kernels (`--kup-kernels`). Counted as D_kup. kup's kernels carry the PPP
+    /// patch, so the memory is kept in place (`luo_in_place`, on by default: no disk copy, lazy
+    /// restore): no copy of it, whatever its size.
     Luo,
 }
 
@@ -69,7 +71,7 @@ impl Scenario {
             Scenario::KupCriu => "kup, CRIU's image chain instead of FOAM",
             Scenario::Lazy => "kup (lazy restore, no pre-copy)",
             Scenario::PreCopy => "kup (pre-copy + eager restore)",
-            Scenario::Luo => "kup luo (pre-copy + lazy restore, images in RAM)",
+            Scenario::Luo => "kup luo (images in RAM, memory kept in place, lazy restore)",
         }
     }
 

@@ -70,9 +70,12 @@ fn main() -> Result<()> {
             }
         }
         Some("luo-hold") => {
-            let dir = args.get(2).context("usage: kup-restore luo-hold DIR")?;
+            let dir = args
+                .get(2)
+                .context("usage: kup-restore luo-hold DIR [--in-place]")?;
             let argv0 = args.first().map(String::as_str).unwrap_or_default();
-            kup::luo_store::run_holder(Path::new(dir), argv0)
+            let in_place = args.get(3).is_some_and(|a| a == "--in-place");
+            kup::luo_store::run_holder(Path::new(dir), argv0, in_place)
                 .with_context(|| format!("keeping {dir} in RAM across the kexec (LUO)"))?;
         }
         Some("luo-claim") => {
@@ -87,7 +90,7 @@ fn main() -> Result<()> {
             kup::restore::generate(Path::new(early))?;
         }
         _ => bail!(
-            "usage: kup-restore exec UNIT | holder | lazy UNIT | netlock | watchdog | finish | luo-hold DIR | luo-claim | generator NORMAL EARLY LATE"
+            "usage: kup-restore exec UNIT | holder | lazy UNIT | netlock | watchdog | finish | luo-hold DIR [--in-place] | luo-claim | generator NORMAL EARLY LATE"
         ),
     }
     Ok(())

@@ -11,6 +11,7 @@
 //! kernel = "6.12.117+deb13-cloud-amd64"   # optional staged target; "" or absent = newest installed
 //! backend = "disk"                        # or "luo": images kept in RAM across the kexec
 //! luo_disk_copy = true                    # luo: also a copy in image_dir, for a boot through the firmware
+//! luo_in_place = true                     # luo: the processes' memory stays where it is (PPP kernels)
 //! image_dir = "/var/lib/kup/images"
 //! extra_cmdline = ""                      # appended to the new kernel's command line
 //! precopy_rounds = 0                      # 0..=16
@@ -260,6 +261,12 @@ pub struct UpdateSettings {
     /// kernel panicked or hung, the power went) still restores them. Off: nothing reaches the disk,
     /// and such a boot starts the units afresh.
     pub luo_disk_copy: bool,
+    /// With the luo backend, the processes' memory is kept in RAM where it is (persistent physical
+    /// pages, a kernel with kup's PPP patch: `kernel-patches/`), not copied into checkpoint
+    /// files: no second copy, so units larger than half of RAM fit. Used where the running kernel
+    /// offers it, `luo_disk_copy` is off (a disk copy needs the memory copied) and the restore is
+    /// lazy (the restore frees the kept pages as it copies them in).
+    pub luo_in_place: bool,
     /// Appended to the new kernel's command line; empty for none.
     pub extra_cmdline: String,
     /// CRIU pre-dump rounds before the final dump, `0..=16`.
@@ -292,6 +299,7 @@ impl Default for UpdateSettings {
             backend: Backend::Disk,
             image_dir: PathBuf::from(DEFAULT_IMAGE_DIR),
             luo_disk_copy: true,
+            luo_in_place: true,
             extra_cmdline: String::new(),
             precopy_rounds: 0,
             store: Store::Auto,
@@ -348,6 +356,7 @@ pub struct UpdateFragment {
     #[serde(default, deserialize_with = "de_image_dir")]
     pub image_dir: Option<PathBuf>,
     pub luo_disk_copy: Option<bool>,
+    pub luo_in_place: Option<bool>,
     #[serde(default, deserialize_with = "de_extra_cmdline")]
     pub extra_cmdline: Option<String>,
     #[serde(default, deserialize_with = "de_precopy_rounds")]
@@ -412,6 +421,9 @@ impl Settings {
         }
         if let Some(copy) = u.luo_disk_copy {
             self.update.luo_disk_copy = copy;
+        }
+        if let Some(in_place) = u.luo_in_place {
+            self.update.luo_in_place = in_place;
         }
         if let Some(extra) = u.extra_cmdline {
             self.update.extra_cmdline = extra;
@@ -680,6 +692,10 @@ mod tests {
             s.update.luo_disk_copy,
             "the luo backend keeps a disk copy unless told not to"
         );
+        assert!(
+            s.update.luo_in_place,
+            "memory kept in place where it can be"
+        );
     }
 
     #[test]
@@ -690,6 +706,7 @@ kernel = "6.12.117+deb13-cloud-amd64"
 backend = "disk"
 image_dir = "/srv/kup"
 luo_disk_copy = false
+luo_in_place = false
 extra_cmdline = "quiet"
 precopy_rounds = 3
 restore = "lazy"
@@ -713,6 +730,7 @@ name = "redis-server.service"
         );
         assert_eq!(s.update.image_dir, PathBuf::from("/srv/kup"));
         assert!(!s.update.luo_disk_copy);
+        assert!(!s.update.luo_in_place);
         assert_eq!(s.update.extra_cmdline, "quiet");
         assert_eq!(s.update.precopy_rounds, 3);
         assert_eq!(s.update.restore, RestoreMode::Lazy);

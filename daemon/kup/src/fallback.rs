@@ -291,13 +291,14 @@ pub fn fall_back(m: &Manifest, failures: &[UnitFailure]) -> Result<String, Fallb
     for u in &running {
         // Beside the images they were restored from, which a lazy server may still be releasing.
         let images = image_dir.join(format!("{}.fallback", u.unit));
-        let mut img = match update::dump_unit(&u.unit, &images, None, None).map(|(img, _)| img) {
-            Ok(img) => img,
-            Err(e) => {
-                back_here(&next);
-                return Err(e.into());
-            }
-        };
+        let mut img =
+            match update::dump_unit(&u.unit, &images, None, None, None).map(|(img, _)| img) {
+                Ok(img) => img,
+                Err(e) => {
+                    back_here(&next);
+                    return Err(e.into());
+                }
+            };
         img.health.clone_from(&u.health);
         next.units.push(img);
         manifest::write_atomic(handoff, &next)?;

@@ -17,6 +17,12 @@
 //! lazy-pages server reads a faulting page at its own address ([`process_extents`]). The image
 //! check compares the files' data extents (`SEEK_DATA`/`SEEK_HOLE`) with that pagemap ([`check`]).
 //!
+//! Memory kept in place (the luo backend's PPP, `kernel-patches/README.md`): a process's pages are
+//! not copied into FOAM at all. Its directory holds only the marker [`IN_PLACE`] while the old
+//! kernel keeps the memory where the process had it; on the new kernel the claim puts the memfd the
+//! kernel hands back there as [`WHOLE`]: one file for the whole address space, page `vaddr` at
+//! offset `vaddr`. Readers take either layout.
+//!
 //! [`place`], [`pieces`], [`subtract`] and [`merge_ranges`] are pure; the rest does the I/O.
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,6 +34,11 @@ use crate::criu_image::{self, Entry, Extent, PE_LAZY, PE_PRESENT, Pagemap};
 
 /// The directory of a unit's FOAM, inside its image directory.
 pub const DIR: &str = "foam";
+/// In a pagemap's directory: its process's memory is kept in place (PPP); none of it is copied.
+pub const IN_PLACE: &str = "in-place";
+/// In a pagemap's directory: the whole address space in one file, page `vaddr` at offset `vaddr`
+/// (the memory kept in place, as the new kernel hands it back: a memfd).
+pub const WHOLE: &str = "whole.foam";
 /// log2 of a slice's size (8 TiB: below ext4's 16 TiB file size limit).
 pub const SLICE_SHIFT: u32 = 43;
 const SLICE_MASK: u64 = (1 << SLICE_SHIFT) - 1;
@@ -134,6 +145,9 @@ pub fn slice_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, FoamError> {
         let Some(hex) = name.strip_suffix(".foam") else {
             continue;
         };
+        if name == WHOLE {
+            continue;
+        }
         let slice = u64::from_str_radix(hex, 16).map_err(|_| FoamError::Inconsistent {
             path: dir.display().to_string(),
             reason: format!("{name} is not a slice file"),
@@ -148,7 +162,14 @@ pub fn slice_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, FoamError> {
 pub fn data_ranges(dir: &Path) -> Result<Vec<(u64, u64)>, FoamError> {
     use nix::unistd::{Whence, lseek};
     let mut out = Vec::new();
-    for (slice, path) in slice_files(dir)? {
+    let mut files: Vec<(u64, PathBuf)> = slice_files(dir)?
+        .into_iter()
+        .map(|(slice, path)| (slice << SLICE_SHIFT, path))
+        .collect();
+    if dir.join(WHOLE).exists() {
+        files.push((0, dir.join(WHOLE)));
+    }
+    for (base, path) in files {
         let f = File::open(&path).map_err(io_err("open", &path))?;
         let len = f.metadata().map_err(io_err("stat", &path))?.len() as i64;
         let mut at = 0i64;
@@ -160,7 +181,6 @@ pub fn data_ranges(dir: &Path) -> Result<Vec<(u64, u64)>, FoamError> {
             };
             let hole = lseek(&f, data, Whence::SeekHole)
                 .map_err(|e| io_err("seek in", &path)(e.into()))?;
-            let base = slice << SLICE_SHIFT;
             out.push((base + data as u64, base + hole as u64));
             at = hole;
         }
@@ -275,6 +295,11 @@ fn names(root: &Path) -> Result<Vec<String>, FoamError> {
 /// Reads `buf.len()` bytes at address `vaddr` of pagemap directory `dir` (a missing slice reads as
 /// a hole would: zeros).
 fn read_at(dir: &Path, vaddr: u64, buf: &mut [u8]) -> Result<(), FoamError> {
+    let whole = dir.join(WHOLE);
+    if whole.exists() {
+        let f = File::open(&whole).map_err(io_err("open", &whole))?;
+        return f.read_exact_at(buf, vaddr).map_err(io_err("read", &whole));
+    }
     let mut done = 0usize;
     for (slice, offset, len) in pieces(vaddr, vaddr + buf.len() as u64) {
         let part = &mut buf[done..done + len as usize];
@@ -320,18 +345,30 @@ pub fn write_restore_images(
     present: &BTreeMap<String, Vec<Entry>>,
 ) -> Result<(), FoamError> {
     for (i, (name, entries)) in present.iter().enumerate() {
+        let kept = in_place(&foam.join(name));
         let pm = Pagemap {
             pages_id: i as u32 + 1,
-            entries: entries.clone(),
+            entries: if kept {
+                without_lazy_data(entries)
+            } else {
+                entries.clone()
+            },
         };
         let pages_path = images.join(format!("pages-{}.img", pm.pages_id));
         let pages = File::create(&pages_path).map_err(io_err("create", &pages_path))?;
-        let total: u64 = entries.iter().map(|e| e.nr_pages * PAGE).sum();
+        let total: u64 = pm
+            .entries
+            .iter()
+            .filter(|e| e.flags & PE_PRESENT != 0)
+            .map(|e| e.nr_pages * PAGE)
+            .sum();
         pages.set_len(total).map_err(io_err("size", &pages_path))?;
         let mut at = 0;
-        for e in entries {
+        for e in pm.entries.iter().filter(|e| e.flags & PE_PRESENT != 0) {
             let len = e.nr_pages * PAGE;
-            if e.flags & PE_LAZY == 0 {
+            // Kept in place: the pages CRIU reads itself are copied in on the new kernel
+            // ([`fill_in_place`]), from the memory the kernel hands back.
+            if e.flags & PE_LAZY == 0 && !kept {
                 copy_out(&foam.join(name), e.vaddr, len, &pages, at)?;
             }
             at += len;
@@ -340,6 +377,23 @@ pub fn write_restore_images(
         std::fs::write(&pm_path, criu_image::render(&pm)).map_err(io_err("write", &pm_path))?;
     }
     Ok(())
+}
+
+/// A pagemap of memory kept in place, for CRIU: the lazy pages are `PE_LAZY` alone, as in CRIU's
+/// own lazy dumps (not `PE_PRESENT`: no room for them in the pages file, which then holds only the
+/// few pages CRIU reads itself; LUO would allocate every hole of a sparse one).
+pub fn without_lazy_data(entries: &[Entry]) -> Vec<Entry> {
+    entries
+        .iter()
+        .map(|e| Entry {
+            flags: if e.flags & PE_LAZY != 0 {
+                PE_LAZY
+            } else {
+                e.flags
+            },
+            ..*e
+        })
+        .collect()
 }
 
 /// Pagemaps (their `name` without `.img`) of `images` that come with a FOAM directory.
@@ -372,13 +426,25 @@ pub fn check(images: &Path) -> Result<u64, FoamError> {
             path: dir.display().to_string(),
             reason,
         };
-        if let Some(e) = pm.entries.iter().find(|e| e.flags & PE_PRESENT == 0) {
+        let kept = in_place(&dir);
+        // Kept in place, lazy pages are `PE_LAZY` alone ([`without_lazy_data`]).
+        if let Some(e) = pm
+            .entries
+            .iter()
+            .find(|e| e.flags & PE_PRESENT == 0 && !(kept && e.flags == PE_LAZY))
+        {
             return Err(bad(format!(
                 "its pagemap leaves {} pages at {:#x} to a parent image",
                 e.nr_pages, e.vaddr
             )));
         }
         let want = entry_ranges(&pm.entries);
+        let whole = dir.join(WHOLE).exists();
+        if kept && !whole {
+            // The old kernel, before the switch: the memory is where the process has it.
+            bytes += want.iter().map(|(a, b)| b - a).sum::<u64>();
+            continue;
+        }
         let have = data_ranges(&dir)?;
         if let Some(&(a, b)) = subtract(&want, &have).first() {
             return Err(bad(format!(
@@ -386,7 +452,9 @@ pub fn check(images: &Path) -> Result<u64, FoamError> {
                 (b - a) / PAGE
             )));
         }
-        if let Some(&(a, b)) = subtract(&have, &want).first() {
+        // Kept in place, the kernel handed back every anonymous page the process had: some it
+        // may have that CRIU does not restore (none of CRIU's pagemap) are harmless.
+        if let Some(&(a, b)) = subtract(&have, &want).first().filter(|_| !whole) {
             return Err(bad(format!(
                 "{} pages from {a:#x} are stored but not listed",
                 (b - a) / PAGE
@@ -400,6 +468,23 @@ pub fn check(images: &Path) -> Result<u64, FoamError> {
 /// Copies the lazy pages of every FOAM pagemap of `images` into its pages file, so that CRIU
 /// restores them all itself (an eager restore). Returns the bytes copied.
 pub fn fill_pages_files(images: &Path) -> Result<u64, FoamError> {
+    fill(images, |dir, e| e.flags & PE_LAZY != 0 || in_place(dir))
+}
+
+/// Copies the pages CRIU reads itself at a lazy restore (those not `PE_LAZY`: stacks, ...) of
+/// every pagemap kept in place into its pages file, from the memory the kernel handed back
+/// ([`WHOLE`]). Returns the bytes copied.
+pub fn fill_in_place(images: &Path) -> Result<u64, FoamError> {
+    fill(images, |dir, e| e.flags & PE_LAZY == 0 && in_place(dir))
+}
+
+/// Whether a pagemap directory's memory is kept in place ([`IN_PLACE`] or [`WHOLE`] in it).
+pub fn in_place(dir: &Path) -> bool {
+    dir.join(IN_PLACE).exists() || dir.join(WHOLE).exists()
+}
+
+/// Copies the pages of every FOAM pagemap of `images` that `want` picks into its pages file.
+fn fill(images: &Path, want: impl Fn(&Path, &Entry) -> bool) -> Result<u64, FoamError> {
     let mut copied = 0;
     for (name, pm) in foam_pagemaps(images)? {
         let dir = images.join(DIR).join(&name);
@@ -409,9 +494,9 @@ pub fn fill_pages_files(images: &Path) -> Result<u64, FoamError> {
             .open(&path)
             .map_err(io_err("open", &path))?;
         let mut at = 0;
-        for e in &pm.entries {
+        for e in pm.entries.iter().filter(|e| e.flags & PE_PRESENT != 0) {
             let len = e.nr_pages * PAGE;
-            if e.flags & PE_LAZY != 0 {
+            if want(&dir, e) {
                 copy_out(&dir, e.vaddr, len, &pages, at)?;
                 copied += len;
             }
@@ -437,8 +522,19 @@ pub fn process_extents(
     if !dir.is_dir() {
         return Ok(None);
     }
-    let files = slice_files(&dir)?;
     let mut extents = Vec::with_capacity(entries.len());
+    if dir.join(WHOLE).exists() {
+        for e in entries {
+            extents.push(Extent {
+                start: e.vaddr,
+                end: e.vaddr + e.nr_pages * PAGE,
+                lazy: e.flags & PE_LAZY != 0,
+                data: Some((0, e.vaddr)),
+            });
+        }
+        return Ok(Some((vec![dir.join(WHOLE)], extents)));
+    }
+    let files = slice_files(&dir)?;
     for e in entries {
         let start = e.vaddr;
         for (slice, offset, len) in pieces(start, start + e.nr_pages * PAGE) {

@@ -421,6 +421,9 @@ mod uffd {
 struct Source {
     files: Vec<Option<File>>,
     extents: Vec<Extent>,
+    /// The memory kept in place across the kexec (the luo backend's PPP, [`crate::foam::WHOLE`]):
+    /// each range copied in is punched out of it, so the unit's memory is never in RAM twice.
+    release: bool,
 }
 
 impl Source {
@@ -442,6 +445,30 @@ impl Source {
                 )))?;
         }
         Ok(())
+    }
+
+    /// Frees what [`Source::read`] read for `img..img + len`, once it is in the process: memory
+    /// kept in place only, and only while no forked child shares this source (`shared`: the
+    /// child may still need the pages).
+    fn release(&self, img: u64, len: u64, shared: bool) {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        if !self.release || shared {
+            return;
+        }
+        let Ok(plan) = read_plan(&self.extents, img, len) else {
+            return;
+        };
+        for (_, layer, off, len) in plan {
+            if let Some(Some(file)) = self.files.get(layer) {
+                // Best effort: a range not punched is freed with the images.
+                let _ = fallocate(
+                    file,
+                    FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    off as i64,
+                    len as i64,
+                );
+            }
+        }
     }
 }
 
@@ -499,7 +526,22 @@ impl Server<'_> {
 
     fn add_task(&mut self, pid: i32, fd: OwnedFd) -> Result<(), LazyError> {
         let pp = criu_image::process_pages(self.images, pid)?;
-        let files = pp.pages_files.iter().map(|p| File::open(p).ok()).collect();
+        // Memory kept in place is opened for writing too: what is copied in is punched out.
+        let release = pp
+            .pages_files
+            .iter()
+            .any(|p| p.file_name().is_some_and(|n| n == crate::foam::WHOLE));
+        let files = pp
+            .pages_files
+            .iter()
+            .map(|p| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(release)
+                    .open(p)
+                    .ok()
+            })
+            .collect();
         let iovs = Iovs::new(&pp.lazy);
         self.note(format_args!(
             "process {pid}: {} MiB lazy in {} ranges, data in {} layer(s)",
@@ -517,6 +559,7 @@ impl Server<'_> {
             source: Rc::new(Source {
                 files,
                 extents: pp.extents,
+                release,
             }),
             gone: false,
         });
@@ -542,9 +585,11 @@ impl Server<'_> {
         let (pid, fd) = (self.tasks[t].pid, self.tasks[t].uffd.as_raw_fd());
         let buf = &mut self.buf[..len as usize];
         self.tasks[t].source.read(pid, iov.img, buf)?;
+        let shared = Rc::strong_count(&self.tasks[t].source) > 1;
         let (errno, done) = match uffd::copy(fd, iov.start, buf) {
             Ok(()) => {
                 self.count(fault, len);
+                self.tasks[t].source.release(iov.img, len, shared);
                 return Ok(Copied::Done);
             }
             Err((errno, done)) => (errno, done.min(len) & !(PAGE - 1)),

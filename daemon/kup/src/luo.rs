@@ -95,6 +95,23 @@ pub fn running_supports() -> Result<(), LuoError> {
     }
 }
 
+/// Where a kernel with kup's PPP patch says it keeps a preserved process's memory in place.
+pub const IN_PLACE_PARAM: &str = "/sys/module/memfd_luo/parameters/ppp";
+
+/// Whether the running kernel keeps a process's memory in place when its pidfd is preserved
+/// (kup's PPP patch, `kernel-patches/`); the reason when not.
+pub fn running_keeps_in_place() -> Result<(), String> {
+    match std::fs::read_to_string(IN_PLACE_PARAM) {
+        Ok(v) if v.trim() == "Y" => Ok(()),
+        Ok(_) => Err(format!(
+            "the running kernel has kup's PPP patch turned off ({IN_PLACE_PARAM} is not Y; memfd_luo.ppp=0 on its command line?)"
+        )),
+        Err(_) => Err(format!(
+            "the running kernel cannot keep a process's memory in place ({IN_PLACE_PARAM} is missing: it lacks kup's PPP patch, kernel-patches/)"
+        )),
+    }
+}
+
 /// The shape of a preserved image tree: every regular file with its session token and size, and
 /// the symlinks (pre-copy `parent` links) as they were. Paths are relative to the tree's root.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -104,7 +121,22 @@ pub struct Index {
     pub files: Vec<IndexFile>,
     /// Symlink path -> its target, as read.
     pub links: BTreeMap<String, String>,
+    /// Processes whose memory the kernel keeps in place (PPP): each comes back as a memfd whose
+    /// offset is the address, laid out at its `path` (the process's FOAM [`crate::foam::WHOLE`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<IndexProcess>,
 }
+
+/// A process whose memory is kept in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexProcess {
+    pub token: u64,
+    pub path: String,
+    pub pid: i32,
+}
+
+/// The first token of processes kept in place (files are numbered from 1).
+pub const PROCESS_TOKENS: u64 = 1 << 32;
 
 /// One preserved file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +162,7 @@ impl Index {
             .files
             .iter()
             .map(|f| f.path.as_str())
+            .chain(self.processes.iter().map(|p| p.path.as_str()))
             .chain(self.links.keys().map(String::as_str));
         for p in all {
             let path = Path::new(p);
@@ -145,9 +178,14 @@ impl Index {
                 return Err(format!("path {p:?} is listed twice"));
             }
         }
-        for f in &self.files {
-            if !tokens.insert(f.token) {
-                return Err(format!("token {} is used twice", f.token));
+        for t in self
+            .files
+            .iter()
+            .map(|f| f.token)
+            .chain(self.processes.iter().map(|p| p.token))
+        {
+            if !tokens.insert(t) {
+                return Err(format!("token {t} is used twice"));
             }
         }
         Ok(())
@@ -156,9 +194,14 @@ impl Index {
     /// The top-level directories (one per unit) and the tokens of the files under each.
     pub fn tokens_by_unit(&self) -> BTreeMap<String, Vec<u64>> {
         let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-        for f in &self.files {
-            let top = f.path.split('/').next().unwrap_or_default().to_owned();
-            out.entry(top).or_default().push(f.token);
+        let all = self
+            .files
+            .iter()
+            .map(|f| (&f.path, f.token))
+            .chain(self.processes.iter().map(|p| (&p.path, p.token)));
+        for (path, token) in all {
+            let top = path.split('/').next().unwrap_or_default().to_owned();
+            out.entry(top).or_default().push(token);
         }
         out
     }
@@ -405,6 +448,12 @@ pub fn scan(root: &Path, session: &str) -> Result<Index, LuoError> {
 /// is not copied. On failure the files preserved so far are written back ([`Session::give_back`]).
 pub fn preserve_tree(root: &Path, index: &Index) -> Result<Session, LuoError> {
     let mut session = Session::create(&index.session)?;
+    preserve_files(&mut session, root, index)?;
+    Ok(session)
+}
+
+/// [`preserve_tree`] into `session`, which may hold processes kept in place already.
+pub fn preserve_files(session: &mut Session, root: &Path, index: &Index) -> Result<(), LuoError> {
     for f in &index.files {
         let path = root.join(&f.path);
         let result = std::fs::OpenOptions::new()
@@ -422,7 +471,7 @@ pub fn preserve_tree(root: &Path, index: &Index) -> Result<Session, LuoError> {
             return Err(e);
         }
     }
-    Ok(session)
+    Ok(())
 }
 
 impl Session {
@@ -469,6 +518,15 @@ pub fn retrieve_tree(root: &Path, index: &Index, holder: u32) -> Result<Session,
         link(
             root,
             &f.path,
+            &format!("/proc/{holder}/fd/{}", fd.as_raw_fd()),
+        )?;
+    }
+    for p in &index.processes {
+        session.take(p.token)?;
+        let fd = &session.files[&p.token];
+        link(
+            root,
+            &p.path,
             &format!("/proc/{holder}/fd/{}", fd.as_raw_fd()),
         )?;
     }
@@ -571,6 +629,7 @@ mod tests {
             session: "s".into(),
             files: vec![file(1, "u/a"), file(2, "u/b")],
             links: BTreeMap::new(),
+            processes: Vec::new(),
         };
         assert!(index.validate().is_ok());
         index.files[1].path = "../etc/passwd".into();
@@ -604,5 +663,38 @@ mod tests {
             std::fs::read(dir.path().join("u/pages-1.img")).unwrap(),
             vec![9u8; 12288]
         );
+    }
+
+    #[test]
+    fn processes_kept_in_place_count_with_their_unit_and_share_no_token_or_path() {
+        let mut index = Index {
+            session: "kup-x".into(),
+            files: vec![IndexFile {
+                token: 1,
+                path: "memcached.service/pagemap-7.img".into(),
+                size: 10,
+            }],
+            links: BTreeMap::new(),
+            processes: vec![IndexProcess {
+                token: PROCESS_TOKENS,
+                path: "memcached.service/foam/pagemap-7/whole.foam".into(),
+                pid: 7,
+            }],
+        };
+        index.validate().unwrap();
+        let text = serde_json::to_string(&index).unwrap();
+        assert_eq!(Index::parse(&text).unwrap(), index);
+        assert_eq!(
+            index.tokens_by_unit()["memcached.service"],
+            vec![1, PROCESS_TOKENS]
+        );
+        index.processes[0].token = 1;
+        assert!(index.validate().unwrap_err().contains("token 1"));
+        index.processes[0].token = PROCESS_TOKENS;
+        index.processes[0].path = "memcached.service/pagemap-7.img".into();
+        assert!(index.validate().unwrap_err().contains("twice"));
+        // An index from before (no processes) still reads.
+        let old = r#"{"session": "kup-x", "files": [], "links": {}}"#;
+        assert!(Index::parse(old).unwrap().processes.is_empty());
     }
 }

@@ -2,11 +2,18 @@
 //! the image tree in a LUO session through the shutdown into the kexec, and on the new kernel the
 //! claim (`kup-restore luo-claim`, `kup-luo.service`) that takes it back, lays it out where the
 //! manifest says the images are, and lets each unit's memory go once its images are released.
+//!
+//! With the memory kept in place (`luo_in_place`, PPP) the holder starts before the final dumps
+//! and takes lines on stdin: `keep UNIT PID` (at CRIU's post-dump, the tree frozen: the process's
+//! pidfd is preserved, its memory stays where it is; answered `kept PID` or `error WHY`), then
+//! `tree` (the image tree as without it; answered `ready ...`). Its stdin closing before `tree`
+//! (the update gave up) writes the processes' memory back like a signal after it.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::luo::{self, Index, LuoError};
@@ -87,12 +94,34 @@ pub fn is_mount_point(mountinfo: &str, dir: &Path) -> bool {
 pub struct Held {
     child: Child,
     pub summary: String,
+    /// In-place mode, before `tree`: the command channel.
+    stdin: Option<ChildStdin>,
+    stdout: Option<BufReader<ChildStdout>>,
 }
 
 /// Starts the holder on `dir` for handoff `id` in a scope of its own that the shutdown does not
 /// stop (`DefaultDependencies=no`), and waits until every file is preserved and the index is in
 /// `handoff`.
 pub fn hold(dir: &Path, id: &str, handoff: &Path) -> Result<Held, StoreError> {
+    let mut held = spawn_holder(dir, id, handoff, false)?;
+    held.expect("ready")?;
+    tracing::info!(
+        kup_phase = "switch",
+        "kup: kept in RAM (LUO): {}",
+        held.summary
+    );
+    Ok(held)
+}
+
+/// Starts the holder for memory kept in place (`luo_in_place`), before the final dumps: it
+/// creates the session and waits for [`Held::keep`] and [`Held::seal`].
+pub fn hold_in_place(dir: &Path, id: &str, handoff: &Path) -> Result<Held, StoreError> {
+    let mut held = spawn_holder(dir, id, handoff, true)?;
+    held.expect("session")?;
+    Ok(held)
+}
+
+fn spawn_holder(dir: &Path, id: &str, handoff: &Path, in_place: bool) -> Result<Held, StoreError> {
     let _ = std::fs::remove_file(handoff.join(LUO_INDEX));
     let mut child = Command::new("systemd-run")
         .args([
@@ -106,39 +135,96 @@ pub fn hold(dir: &Path, id: &str, handoff: &Path) -> Result<Held, StoreError> {
             "luo-hold",
         ])
         .arg(dir)
-        .stdin(Stdio::null())
+        .args(in_place.then_some("--in-place"))
+        .stdin(if in_place {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(io("starting the LUO holder with systemd-run"))?;
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        let _ = BufReader::new(out).read_line(&mut line);
-    }
-    if let Some(summary) = line.trim().strip_prefix("ready ") {
-        tracing::info!(kup_phase = "switch", "kup: kept in RAM (LUO): {summary}");
-        return Ok(Held {
-            summary: summary.to_owned(),
-            child,
-        });
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(io("waiting for the LUO holder"))?;
-    Err(StoreError::Holder(format!(
-        "{}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    )))
+    Ok(Held {
+        stdin: child.stdin.take(),
+        stdout: child.stdout.take().map(BufReader::new),
+        child,
+        summary: String::new(),
+    })
 }
 
 impl Held {
+    /// Reads the holder's next line, which must begin with `word` (its rest becomes `summary`);
+    /// anything else (an `error` line, its end) fails with what it said.
+    fn expect(&mut self, word: &str) -> Result<(), StoreError> {
+        let mut line = String::new();
+        if let Some(out) = self.stdout.as_mut() {
+            let _ = out.read_line(&mut line);
+        }
+        if let Some(rest) = line.trim_end().strip_prefix(word) {
+            self.summary = rest.trim().to_owned();
+            return Ok(());
+        }
+        if let Some(why) = line.trim().strip_prefix("error ") {
+            return Err(StoreError::Holder(why.to_owned()));
+        }
+        // Gone: what it said on stderr.
+        self.stdin = None;
+        let mut err = String::new();
+        if let Some(e) = self.child.stderr.as_mut() {
+            let _ = std::io::Read::read_to_string(e, &mut err);
+        }
+        let status = self
+            .child
+            .wait()
+            .map_err(io("waiting for the LUO holder"))?;
+        Err(StoreError::Holder(format!("{status}: {}", err.trim())))
+    }
+
+    /// Sends one command line to an in-place holder.
+    fn send(&mut self, line: &str) -> Result<(), StoreError> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| StoreError::Holder("the holder takes no more commands".into()))?;
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .map_err(io("writing to the LUO holder"))
+    }
+
+    /// In-place mode, at CRIU's post-dump (the tree frozen, still there): the memory of every
+    /// process of `unit`'s tree `pids` is kept where it is (preserved through its pidfd).
+    pub fn keep(&mut self, unit: &str, pids: &[i32]) -> Result<(), StoreError> {
+        for pid in pids {
+            self.send(&format!("keep {unit} {pid}"))?;
+            self.expect("kept")?;
+        }
+        Ok(())
+    }
+
+    /// In-place mode, after the last final dump: the image tree too, then the index; the holder
+    /// is then as [`hold`] leaves it.
+    pub fn seal(&mut self) -> Result<(), StoreError> {
+        self.send("tree")?;
+        self.expect("ready")?;
+        self.stdin = None;
+        tracing::info!(
+            kup_phase = "switch",
+            "kup: kept in RAM (LUO): {}",
+            self.summary
+        );
+        Ok(())
+    }
+
     /// The switch did not happen: the holder writes every file back into the tree (for the
-    /// rollback's in-place restore) and exits.
+    /// rollback's in-place restore), the memory of processes kept in place into their FOAM, and
+    /// exits.
     pub fn give_back(mut self) -> Result<(), StoreError> {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1)
-            .map_err(|e| io("signalling the LUO holder")(e.into()))?;
+        if self.stdin.take().is_none() {
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1)
+                .map_err(|e| io("signalling the LUO holder")(e.into()))?;
+        }
         let out = self
             .child
             .wait()
@@ -156,12 +242,13 @@ impl Held {
 /// `kup-restore luo-hold DIR` (the holder): re-executes itself as [`HOLDER_ARGV0`], preserves the
 /// tree, writes the index, says `ready ...` on stdout, then holds the session until the kexec. A
 /// signal (the update gave up) writes the files back and ends it.
-pub fn run_holder(dir: &Path, argv0: &str) -> Result<(), StoreError> {
+pub fn run_holder(dir: &Path, argv0: &str, in_place: bool) -> Result<(), StoreError> {
     if !argv0.starts_with('@') {
         let err = Command::new("/proc/self/exe")
             .arg0(HOLDER_ARGV0)
             .args(["luo-hold"])
             .arg(dir)
+            .args(in_place.then_some("--in-place"))
             .exec();
         return Err(io("re-executing the LUO holder")(err));
     }
@@ -178,19 +265,42 @@ pub fn run_holder(dir: &Path, argv0: &str) -> Result<(), StoreError> {
     set.thread_block()
         .map_err(|e| io("blocking signals")(e.into()))?;
     let m = manifest::read(Path::new(HANDOFF_DIR))?;
+    let name = session_name(&m.id);
+    let (mut session, kept) = if in_place {
+        let mut session = luo::Session::create(&name)?;
+        println!("session {name}");
+        let _ = std::io::stdout().flush();
+        match take_commands(&mut session, dir) {
+            Some(kept) => (session, kept),
+            // The update gave up before the tree: the memory kept so far goes back into FOAM.
+            None => return Ok(()),
+        }
+    } else {
+        (luo::Session::create(&name)?, Vec::new())
+    };
     let t = Instant::now();
-    let index = luo::scan(dir, &session_name(&m.id))?;
+    let mut index = luo::scan(dir, &name)?;
+    index.processes = kept.iter().map(|k| k.process.clone()).collect();
     let bytes: u64 = index.files.iter().map(|f| f.size).sum();
-    let session = luo::preserve_tree(dir, &index)?;
+    let give_back = |session: &luo::Session, index: &Index| {
+        let files = session.give_back(dir, index);
+        give_back_memory(dir, &kept);
+        files
+    };
+    if let Err(e) = luo::preserve_files(&mut session, dir, &index) {
+        give_back_memory(dir, &kept);
+        return Err(e.into());
+    }
     let text = serde_json::to_vec_pretty(&index).map_err(|e| StoreError::Index(e.to_string()))?;
     if let Err(e) = write_synced(&Path::new(HANDOFF_DIR).join(LUO_INDEX), &text) {
-        let _ = session.give_back(dir, &index);
+        let _ = give_back(&session, &index);
         return Err(e);
     }
     println!(
-        "ready {} files, {} MiB, in LUO session {} in {:.1} s",
+        "ready {} files, {} MiB, and the memory of {} process(es) kept in place, in LUO session {} in {:.1} s",
         index.files.len(),
         bytes >> 20,
+        kept.len(),
         index.session,
         t.elapsed().as_secs_f64()
     );
@@ -203,9 +313,134 @@ pub fn run_holder(dir: &Path, argv0: &str) -> Result<(), StoreError> {
         "kup: the switch did not happen ({signal:?}): writing the images kept in RAM back to {}",
         dir.display()
     );
-    session.give_back(dir, &index)?;
+    give_back(&session, &index)?;
     let _ = std::fs::remove_file(Path::new(HANDOFF_DIR).join(LUO_INDEX));
     Ok(())
+}
+
+/// A process whose memory the holder keeps in place, with its memory open for a give-back.
+struct Kept {
+    process: luo::IndexProcess,
+    unit: String,
+    mem: std::fs::File,
+}
+
+/// The in-place holder's commands (see the module's notes) until `tree` (`Some`: the processes
+/// kept) or the end of stdin (`None`: everything kept is written back first).
+fn take_commands(session: &mut luo::Session, dir: &Path) -> Option<Vec<Kept>> {
+    let mut kept: Vec<Kept> = Vec::new();
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["keep", unit, pid] => {
+                let token = luo::PROCESS_TOKENS + kept.len() as u64;
+                match keep_process(session, unit, pid, token) {
+                    Ok(k) => {
+                        println!("kept {pid}");
+                        kept.push(k);
+                    }
+                    Err(e) => println!("error {e}"),
+                }
+            }
+            ["tree"] => return Some(kept),
+            _ => println!("error unknown command {line:?}"),
+        }
+        let _ = std::io::stdout().flush();
+    }
+    give_back_memory(dir, &kept);
+    None
+}
+
+/// Preserves process `pid` of `unit` (its pidfd) under `token`: its memory stays in place.
+fn keep_process(
+    session: &mut luo::Session,
+    unit: &str,
+    pid: &str,
+    token: u64,
+) -> Result<Kept, StoreError> {
+    let n: i32 = pid
+        .parse()
+        .map_err(|_| StoreError::Holder(format!("{pid:?} is not a PID")))?;
+    // Opened first: after the process is gone, its memory reads back only through this.
+    let mem = std::fs::File::open(format!("/proc/{n}/mem"))
+        .map_err(io(format!("opening /proc/{n}/mem")))?;
+    let pidfd = rustix::process::Pid::from_raw(n)
+        .ok_or_else(|| StoreError::Holder(format!("{n} is not a PID")))
+        .and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())
+                .map_err(|e| io(format!("pidfd_open({n})"))(e.into()))
+        })?;
+    session.preserve(pidfd, token, &format!("the memory of {unit}'s process {n}"))?;
+    tracing::info!(
+        kup_phase = "dump",
+        "kup: the memory of {unit}'s process {n} is kept in place (LUO token {token})"
+    );
+    Ok(Kept {
+        process: luo::IndexProcess {
+            token,
+            path: format!(
+                "{unit}/{}/pagemap-{n}/{}",
+                crate::foam::DIR,
+                crate::foam::WHOLE
+            ),
+            pid: n,
+        },
+        unit: unit.to_owned(),
+        mem,
+    })
+}
+
+/// The switch did not happen after processes were kept in place (and killed by CRIU): their
+/// memory goes from the kept address spaces into their FOAM ([`crate::foam::WHOLE`]), the pages
+/// their pagemap lists, for the rollback's restore. Needs room for that copy beside the memory
+/// still held. Best effort per process, each failure logged.
+fn give_back_memory(dir: &Path, kept: &[Kept]) {
+    for k in kept {
+        let images = dir.join(&k.unit);
+        let pid = k.process.pid;
+        let written = (|| -> Result<u64, String> {
+            let pm_path = images.join(format!("pagemap-{pid}.img"));
+            let bytes =
+                std::fs::read(&pm_path).map_err(|e| format!("{}: {e}", pm_path.display()))?;
+            let pm = crate::criu_image::parse(&bytes)?;
+            let out_path = dir.join(&k.process.path);
+            if let Some(d) = out_path.parent() {
+                std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+            }
+            let out = std::fs::File::create(&out_path)
+                .map_err(|e| format!("{}: {e}", out_path.display()))?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0;
+            for e in &pm.entries {
+                let (mut at, end) = (e.vaddr, e.vaddr + e.nr_pages * 4096);
+                while at < end {
+                    let n = ((end - at) as usize).min(buf.len());
+                    k.mem
+                        .read_exact_at(&mut buf[..n], at)
+                        .map_err(|e| format!("reading {at:#x} of process {pid}: {e}"))?;
+                    out.write_all_at(&buf[..n], at)
+                        .map_err(|e| format!("{}: {e}", out_path.display()))?;
+                    at += n as u64;
+                    total += n as u64;
+                }
+            }
+            Ok(total)
+        })();
+        match written {
+            Ok(b) => tracing::warn!(
+                kup_phase = "switch",
+                "kup: the memory of {}'s process {pid} kept in place was written back ({} MiB)",
+                k.unit,
+                b >> 20
+            ),
+            Err(e) => tracing::error!(
+                kup_phase = "switch",
+                "kup: the memory of {}'s process {pid} kept in place could not be written back: {e}",
+                k.unit
+            ),
+        }
+    }
 }
 
 /// Writes `path` through a temporary file, synced, then renamed and the directory synced.
@@ -287,10 +522,44 @@ pub fn copy_out(from: &Path, to: &Path) -> std::io::Result<u64> {
             d.is_file() && d.len() == meta.len() && d.modified().ok() >= meta.modified().ok()
         });
         if !current {
-            bytes += std::fs::copy(&src, &dst)?;
+            bytes += if e.file_name() == crate::foam::WHOLE {
+                copy_sparse(&src, &dst)?
+            } else {
+                std::fs::copy(&src, &dst)?
+            };
         }
     }
     std::fs::File::open(to)?.sync_all()?;
+    Ok(bytes)
+}
+
+/// Copies only the data extents of `src` (a process's whole address space, kept in place:
+/// [`crate::foam::WHOLE`], sparse over 128 TiB) into `dst`, of the same size. Returns the bytes.
+fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<u64> {
+    use nix::unistd::{Whence, lseek};
+    let from = std::fs::File::open(src)?;
+    let to = std::fs::File::create(dst)?;
+    let len = from.metadata()?.len();
+    to.set_len(len)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut at, mut bytes) = (0i64, 0u64);
+    while (at as u64) < len {
+        let data = match lseek(&from, at, Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = lseek(&from, data, Whence::SeekHole)?;
+        let mut off = data as u64;
+        while off < hole as u64 {
+            let n = ((hole as u64 - off) as usize).min(buf.len());
+            from.read_exact_at(&mut buf[..n], off)?;
+            to.write_all_at(&buf[..n], off)?;
+            off += n as u64;
+            bytes += n as u64;
+        }
+        at = hole;
+    }
     Ok(bytes)
 }
 

@@ -168,6 +168,9 @@ pub struct Memory {
     present: BTreeMap<String, Vec<Entry>>,
     /// Whether the last run completed (its pages can be a parent).
     trusted: bool,
+    /// The processes' memory is kept in place (PPP): their pages are read off the socket and
+    /// dropped, only the pagemaps are kept (shared-memory objects are stored as usual).
+    in_place: bool,
 }
 
 impl Memory {
@@ -177,7 +180,24 @@ impl Memory {
             foam: Foam::create(root)?,
             present: BTreeMap::new(),
             trusted: false,
+            in_place: false,
         })
+    }
+
+    /// A store for a unit whose processes' memory the kernel keeps in place (the luo backend's
+    /// PPP): CRIU's runs give it the pagemaps (which pages each process has, lazy or not) and
+    /// nothing of the processes' pages is written; each process's directory gets the
+    /// [`foam::IN_PLACE`] marker.
+    pub fn create_in_place(root: &Path) -> Result<Self, FoamError> {
+        Ok(Self {
+            in_place: true,
+            ..Self::create(root)?
+        })
+    }
+
+    /// Whether pagemap `name`'s pages are kept in place rather than stored.
+    fn kept_in_place(&self, name: &str) -> bool {
+        self.in_place && !name.starts_with("pagemap-shmem-")
     }
 
     fn has_parent(&self, name: &str) -> bool {
@@ -345,41 +365,21 @@ impl Memory {
         vaddr: u64,
         len: u64,
     ) -> Result<(), PageServerError> {
-        use nix::fcntl::{SpliceFFlags, splice};
+        if self.kept_in_place(name) {
+            let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+            return pump(sock, (pipe_r, pipe_w), (name, vaddr), len, &null, None);
+        }
         for (slice, offset, part) in foam::pieces(vaddr, vaddr + len) {
             let file = self.foam.file(name, slice)?;
             let mut off = offset as nix::libc::loff_t;
-            let mut left = part as usize;
-            while left > 0 {
-                let n = splice(
-                    sock.as_fd(),
-                    None,
-                    pipe_w,
-                    None,
-                    left.min(1 << 20),
-                    SpliceFFlags::SPLICE_F_MOVE,
-                )
-                .map_err(std::io::Error::from)?;
-                if n == 0 {
-                    return Err(PageServerError::Protocol(format!(
-                        "{name}: CRIU closed the connection in the middle of the pages at {vaddr:#x}"
-                    )));
-                }
-                let mut in_pipe = n;
-                while in_pipe > 0 {
-                    let m = splice(
-                        pipe_r,
-                        None,
-                        file,
-                        Some(&mut off),
-                        in_pipe,
-                        SpliceFFlags::SPLICE_F_MOVE,
-                    )
-                    .map_err(std::io::Error::from)?;
-                    in_pipe -= m;
-                }
-                left -= n;
-            }
+            pump(
+                sock,
+                (pipe_r, pipe_w),
+                (name, vaddr),
+                part,
+                file,
+                Some(&mut off),
+            )?;
         }
         Ok(())
     }
@@ -399,6 +399,9 @@ impl Memory {
             next.insert(name.clone(), resolved);
         }
         for (name, before) in &self.present {
+            if self.kept_in_place(name) {
+                continue;
+            }
             match next.get(name) {
                 None => self.foam.remove(name)?,
                 Some(now) => {
@@ -414,6 +417,12 @@ impl Memory {
         // whose writes did not land is never the parent of the next one.
         for (name, entries) in &next {
             let dir = self.foam.root().join(name);
+            if self.kept_in_place(name) {
+                std::fs::create_dir_all(&dir)
+                    .and_then(|()| std::fs::write(dir.join(foam::IN_PLACE), b""))
+                    .map_err(PageServerError::Io)?;
+                continue;
+            }
             let want = foam::entry_ranges(entries);
             let have = foam::data_ranges(&dir)?;
             if want != have {
@@ -437,6 +446,51 @@ impl Memory {
         }
         Ok(())
     }
+}
+
+/// Moves `len` bytes of page data (of pagemap `name`, the pages at `vaddr`) from the socket to
+/// `out` at `off` (its own position when `None`), through `pipe` (`splice`: the data does not
+/// pass through kup's memory). Memory kept in place goes to /dev/null.
+fn pump(
+    sock: &UnixStream,
+    (pipe_r, pipe_w): (&OwnedFd, &OwnedFd),
+    (name, vaddr): (&str, u64),
+    len: u64,
+    out: &std::fs::File,
+    mut off: Option<&mut nix::libc::loff_t>,
+) -> Result<(), PageServerError> {
+    use nix::fcntl::{SpliceFFlags, splice};
+    let mut left = len as usize;
+    while left > 0 {
+        let n = splice(
+            sock.as_fd(),
+            None,
+            pipe_w,
+            None,
+            left.min(1 << 20),
+            SpliceFFlags::SPLICE_F_MOVE,
+        )
+        .map_err(std::io::Error::from)?;
+        if n == 0 {
+            return Err(PageServerError::Protocol(format!(
+                "{name}: CRIU closed the connection in the middle of the pages at {vaddr:#x}"
+            )));
+        }
+        let mut in_pipe = n;
+        while in_pipe > 0 {
+            in_pipe -= splice(
+                pipe_r,
+                None,
+                out,
+                off.as_deref_mut(),
+                in_pipe,
+                SpliceFFlags::SPLICE_F_MOVE,
+            )
+            .map_err(std::io::Error::from)?;
+        }
+        left -= n;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -654,5 +708,132 @@ mod tests {
         drop(criu);
         let err = memory.serve(kup.into(), None).unwrap_err().to_string();
         assert!(err.contains("closed the connection"), "{err}");
+    }
+
+    #[test]
+    fn memory_kept_in_place_is_not_stored_and_comes_back_through_the_whole_file() {
+        use std::os::unix::fs::FileExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let images = tmp.path().to_path_buf();
+        let root = images.join(foam::DIR);
+        let mut memory = Memory::create_in_place(&root).unwrap();
+        let page = |b: u8, n: usize| vec![b; n * PAGE as usize];
+        let (p7, shm) = ((7u64 << 8) | 1, (3u64 << 8) | 2);
+        // (A memfd takes any address; the test's files are on the host's disk, ext4 stops at 16 TiB.)
+        let stack = 0x0e00_0000_0000u64;
+        // The pre-copy round: every page sent, none stored for the process; the shared-memory
+        // object's page is stored as usual.
+        let (mut criu, kup) = UnixStream::pair().unwrap();
+        let client = std::thread::spawn(move || {
+            let mut one = [0u8; 1];
+            criu.write_all(&header(PS_IOV_OPEN2, 0, 0, 0, p7)).unwrap();
+            criu.read_exact(&mut one).unwrap();
+            criu.write_all(&header(PS_IOV_ADD_F, PE_PRESENT | PE_LAZY, 2, 0x10_000, p7))
+                .unwrap();
+            criu.write_all(&page(1, 2)).unwrap();
+            criu.write_all(&header(PS_IOV_ADD_F, PE_PRESENT, 1, stack, p7))
+                .unwrap();
+            criu.write_all(&page(5, 1)).unwrap();
+            criu.write_all(&header(PS_IOV_OPEN2, 0, 0, 0, shm)).unwrap();
+            criu.read_exact(&mut one).unwrap();
+            criu.write_all(&header(PS_IOV_ADD_F, PE_PRESENT, 1, 0, shm))
+                .unwrap();
+            criu.write_all(&page(9, 1)).unwrap();
+            criu.write_all(&header(PS_IOV_CLOSE, 0, 0, 0, 0)).unwrap();
+            let mut b = [0u8; 4];
+            criu.read_exact(&mut b).unwrap();
+            i32::from_ne_bytes(b)
+        });
+        memory.serve(kup.into(), None).unwrap();
+        assert_eq!(client.join().unwrap(), 0);
+        // The final dump: one page dirtied, the rest left to the parent.
+        let (mut criu, kup) = UnixStream::pair().unwrap();
+        let client = std::thread::spawn(move || {
+            let mut one = [0u8; 1];
+            criu.write_all(&header(PS_IOV_OPEN2, 0, 0, 0, p7)).unwrap();
+            criu.read_exact(&mut one).unwrap();
+            assert_eq!(one[0], 1, "the pagemaps of the round are the parent");
+            criu.write_all(&header(PS_IOV_ADD_F, PE_PARENT, 1, 0x10_000, p7))
+                .unwrap();
+            criu.write_all(&header(PS_IOV_ADD_F, PE_PRESENT | PE_LAZY, 1, 0x11_000, p7))
+                .unwrap();
+            criu.write_all(&page(2, 1)).unwrap();
+            criu.write_all(&header(PS_IOV_ADD_F, PE_PARENT, 1, stack, p7))
+                .unwrap();
+            criu.write_all(&header(PS_IOV_OPEN2, 0, 0, 0, shm)).unwrap();
+            criu.read_exact(&mut one).unwrap();
+            criu.write_all(&header(PS_IOV_ADD_F, PE_PARENT, 1, 0, shm))
+                .unwrap();
+            criu.write_all(&header(PS_IOV_CLOSE, 0, 0, 0, 0)).unwrap();
+            let mut b = [0u8; 4];
+            criu.read_exact(&mut b).unwrap();
+            i32::from_ne_bytes(b)
+        });
+        memory.serve(kup.into(), Some(&images)).unwrap();
+        assert_eq!(client.join().unwrap(), 0);
+        let dir = root.join("pagemap-7");
+        assert!(
+            dir.join(foam::IN_PLACE).exists(),
+            "the process is marked kept in place"
+        );
+        assert_eq!(
+            foam::data_ranges(&dir).unwrap(),
+            vec![],
+            "nothing of it stored"
+        );
+        assert_eq!(
+            foam::data_ranges(&root.join("pagemap-shmem-3")).unwrap(),
+            vec![(0, PAGE)],
+            "shared memory is stored"
+        );
+        // The old kernel's check: the memory is where the process has it.
+        foam::check(&images).unwrap();
+        // The new kernel hands the memory back: page `vaddr` at offset `vaddr`.
+        let whole = std::fs::File::create(dir.join(foam::WHOLE)).unwrap();
+        whole
+            .write_all_at(&[page(1, 1), page(2, 1)].concat(), 0x10_000)
+            .unwrap();
+        whole.write_all_at(&page(5, 1), stack).unwrap();
+        // Another anonymous page CRIU does not restore: harmless.
+        whole.write_all_at(&page(7, 1), 0x50_000).unwrap();
+        foam::check(&images).unwrap();
+        // The stack (not lazy) goes into the pages file for CRIU; the rest stays lazy.
+        assert_eq!(foam::fill_in_place(&images).unwrap(), PAGE);
+        let pm = criu_image::parse(&std::fs::read(images.join("pagemap-7.img")).unwrap()).unwrap();
+        // Lazy pages take no room in the pages file (`PE_LAZY` alone): it holds the stack only.
+        assert_eq!(
+            pm.entries,
+            vec![
+                criu_image::Entry {
+                    vaddr: 0x10_000,
+                    nr_pages: 1,
+                    flags: PE_LAZY
+                },
+                criu_image::Entry {
+                    vaddr: 0x11_000,
+                    nr_pages: 1,
+                    flags: PE_LAZY
+                },
+                criu_image::Entry {
+                    vaddr: stack,
+                    nr_pages: 1,
+                    flags: PE_PRESENT
+                },
+            ]
+        );
+        let pages = std::fs::read(images.join(format!("pages-{}.img", pm.pages_id))).unwrap();
+        assert_eq!(&pages[..], &page(5, 1)[..]);
+        foam::check(&images).unwrap();
+        let (files, extents) = foam::process_extents(&images, 7, &pm.entries)
+            .unwrap()
+            .unwrap();
+        assert_eq!(files, vec![dir.join(foam::WHOLE)]);
+        assert_eq!(extents[0].data, Some((0, 0x10_000)));
+        // A page CRIU lists that the kernel did not hand back fails the check.
+        drop(whole);
+        let whole = std::fs::File::create(dir.join(foam::WHOLE)).unwrap();
+        whole.write_all_at(&page(5, 1), stack).unwrap();
+        let err = foam::check(&images).unwrap_err().to_string();
+        assert!(err.contains("listed but not stored"), "{err}");
     }
 }

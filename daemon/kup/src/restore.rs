@@ -243,6 +243,11 @@ fn restore_unit(unit: &str) -> Result<Restored, RestoreError> {
     if !lazy && images.join(crate::foam::DIR).is_dir() {
         crate::foam::fill_pages_files(&images).map_err(crate::criu_image::ImageError::from)?;
     }
+    // Memory kept in place (luo, PPP): the few pages CRIU reads itself (stacks, ...) come from the
+    // memory the kernel handed back; the rest is the lazy-pages server's.
+    if lazy && images.join(crate::foam::DIR).is_dir() {
+        crate::foam::fill_in_place(&images).map_err(crate::criu_image::ImageError::from)?;
+    }
     steps.check = t.elapsed().as_secs_f64();
     // Everything that does not need the network comes before the wait for it: the lazy-pages
     // server starts and CRIU probes the kernel (`warm_probe` above, cached in /run for the

@@ -145,6 +145,8 @@ pub struct Plan {
     /// luo backend with `luo_disk_copy`: where the copy of the images on disk goes
     /// ([`DISK_COPY_DIR`] in `image_dir`).
     pub disk_copy: Option<PathBuf>,
+    /// luo backend: the processes' memory is kept in place (`luo_in_place`, PPP), not copied.
+    pub in_place: bool,
     /// Pre-copy rounds before the final dump (0 = none).
     pub precopy_rounds: u8,
     /// The form of the memory images: `Foam` or `Criu` (never `Auto`, see [`store_for`]).
@@ -212,7 +214,27 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
     };
     let disk_copy = (backend == Backend::Luo && settings.update.luo_disk_copy)
         .then(|| settings.update.image_dir.join(DISK_COPY_DIR));
-    preflight_space(settings, backend)?;
+    let in_place = backend == Backend::Luo
+        && match in_place_for(settings, crate::luo::running_keeps_in_place) {
+            Ok(()) => true,
+            Err(why) => {
+                if settings.update.luo_in_place {
+                    tracing::info!(
+                        kup_phase = "preflight",
+                        "kup: the units' memory is copied into the checkpoints kept in RAM, not kept in place: {why}"
+                    );
+                }
+                false
+            }
+        };
+    preflight_space(settings, backend, in_place)?;
+    // Kept in place, one pre-copy round still sets CRIU's dirty tracking (and gives the final
+    // dump a parent to leave the unchanged pages to); it copies nothing.
+    let precopy_rounds = if in_place {
+        settings.update.precopy_rounds.max(1)
+    } else {
+        settings.update.precopy_rounds
+    };
     Ok(Plan {
         id,
         target,
@@ -221,8 +243,13 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
         backend,
         backend_note,
         disk_copy,
-        precopy_rounds: settings.update.precopy_rounds,
-        store: store_for(settings.update.store, backend, settings.update.restore),
+        in_place,
+        precopy_rounds,
+        store: if in_place {
+            crate::config::Store::Foam
+        } else {
+            store_for(settings.update.store, backend, settings.update.restore)
+        },
         restore: settings.update.restore,
         checks: manifest::Checks {
             health_timeout: settings.update.health_timeout,
@@ -231,6 +258,26 @@ pub fn plan(settings: &Settings, req: &Request) -> Result<Plan, UpdateError> {
             make_default: settings.update.make_default,
         },
     })
+}
+
+/// Whether the luo backend can keep the units' memory in place (`luo_in_place`): asked for, no
+/// disk copy (which needs the memory copied), a lazy restore (which frees the kept pages as it
+/// copies them in) and a running kernel that offers it (`running`); the reason when not.
+pub fn in_place_for(
+    settings: &Settings,
+    running: impl FnOnce() -> Result<(), String>,
+) -> Result<(), String> {
+    let u = &settings.update;
+    if !u.luo_in_place {
+        return Err("luo_in_place = false".into());
+    }
+    if u.luo_disk_copy {
+        return Err("luo_disk_copy is on, and a disk copy needs the memory copied (set luo_disk_copy = false to keep it in place)".into());
+    }
+    if u.restore != crate::config::RestoreMode::Lazy {
+        return Err("restore = \"eager\" would hold the memory twice while it restores (set restore = \"lazy\" to keep it in place)".into());
+    }
+    running()
 }
 
 /// The form of the memory images: FOAM where asked for, or (`auto`) for a lazy restore, which reads
@@ -303,7 +350,15 @@ fn backend_for(
 /// process, plus a tenth and 64 MiB for CRIU's metadata) against the free space of `image_dir`
 /// (disk), or the memory available beside the running units (luo), and then also the free space
 /// of `image_dir` for the disk copy (`luo_disk_copy`).
-fn preflight_space(settings: &Settings, backend: Backend) -> Result<(), UpdateError> {
+fn preflight_space(
+    settings: &Settings,
+    backend: Backend,
+    in_place: bool,
+) -> Result<(), UpdateError> {
+    // Kept in place: nothing of the memory is copied, before or after the switch.
+    if in_place {
+        return Ok(());
+    }
     let mut need_kib = 0;
     for u in &settings.units {
         let Some(pid) = systemd::main_pid(&u.name)? else {
@@ -368,6 +423,21 @@ pub fn meminfo_kib(meminfo: &str, field: &str) -> u64 {
 
 /// The memory a checkpoint of task `tid` holds, from its `/proc/TID/status`: RssAnon + RssShmem,
 /// counted once per process (threads, whose Tgid is another, share it).
+/// The processes among `tids` (threads of one process share its memory): those whose
+/// `/proc/TID/status` says they lead their thread group.
+fn thread_group_leaders(tids: &[i32]) -> Vec<i32> {
+    tids.iter()
+        .copied()
+        .filter(|&t| {
+            std::fs::read_to_string(format!("/proc/{t}/status")).is_ok_and(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Tgid:"))
+                    .is_some_and(|v| v.trim() == t.to_string())
+            })
+        })
+        .collect()
+}
+
 pub fn process_memory_kib(status: &str, tid: i32) -> u64 {
     let field = |name: &str| {
         status
@@ -576,7 +646,13 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         let _ = std::fs::remove_dir_all(&images);
         let mut memory = match plan.store {
             crate::config::Store::Foam => {
-                match crate::page_server::Memory::create(&images.join(crate::foam::DIR)) {
+                let foam = images.join(crate::foam::DIR);
+                let created = if plan.in_place {
+                    crate::page_server::Memory::create_in_place(&foam)
+                } else {
+                    crate::page_server::Memory::create(&foam)
+                };
+                match created {
                     Ok(m) => Some(m),
                     Err(source) => {
                         kexec::unload();
@@ -606,6 +682,18 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
             return Err(e);
         }
     }
+    // Memory kept in place: the holder takes each unit's processes at its post-dump.
+    let mut held = None;
+    if plan.in_place {
+        match crate::luo_store::hold_in_place(&plan.image_dir, &m.id, handoff) {
+            Ok(h) => held = Some(h),
+            Err(e) => {
+                kexec::unload();
+                rollback(&m);
+                return Err(UpdateError::Luo(e.to_string()));
+            }
+        }
+    }
     // When the first final dump froze its unit: the downtime begins there.
     let mut frozen = None;
     for (i, unit) in plan.units.iter().enumerate() {
@@ -616,6 +704,7 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
             &images,
             parents[i].as_deref(),
             memories[i].as_mut(),
+            held.as_mut(),
         )
         .and_then(|(mut img, began)| {
             frozen.get_or_insert(began);
@@ -634,6 +723,7 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         // back in place.
         if let Err(e) = recorded {
             kexec::unload();
+            give_back(held);
             rollback(&m);
             return Err(e);
         }
@@ -663,8 +753,17 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         nix::unistd::sync();
     }
     // luo: the image tree goes into a LUO session held by a process that outlives the shutdown.
-    let held = match plan.backend {
-        Backend::Luo => match crate::luo_store::hold(&plan.image_dir, &m.id, handoff) {
+    let held = match (plan.backend, held) {
+        (Backend::Luo, Some(mut h)) => match h.seal() {
+            Ok(()) => Some(h),
+            Err(e) => {
+                kexec::unload();
+                give_back(Some(h));
+                rollback(&m);
+                return Err(UpdateError::Luo(e.to_string()));
+            }
+        },
+        (Backend::Luo, None) => match crate::luo_store::hold(&plan.image_dir, &m.id, handoff) {
             Ok(h) => Some(h),
             Err(e) => {
                 kexec::unload();
@@ -672,7 +771,7 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
                 return Err(UpdateError::Luo(e.to_string()));
             }
         },
-        Backend::Disk => None,
+        (Backend::Disk, _) => None,
     };
     // Fault tests: hold the update here, every unit dumped, the switch not begun (a power cut now).
     fail::fail_point!("switch");
@@ -682,11 +781,7 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         &plan.target.version,
     ) {
         kexec::unload();
-        if let Some(h) = held {
-            if let Err(e) = h.give_back() {
-                tracing::error!("kup: {e}");
-            }
-        }
+        give_back(held);
         rollback(&m);
         return Err(UpdateError::Switch(e));
     }
@@ -697,6 +792,16 @@ pub fn run(plan: &Plan, progress: &dyn Fn(&str, u32)) -> Result<(), UpdateError>
         frozen.map_or(0.0, |t| t.elapsed().as_secs_f64())
     );
     Ok(())
+}
+
+/// The switch will not happen: the LUO holder, if any, writes what it holds back into the image
+/// tree (the rollback restores from there).
+fn give_back(held: Option<crate::luo_store::Held>) {
+    if let Some(h) = held {
+        if let Err(e) = h.give_back() {
+            tracing::error!("kup: {e}");
+        }
+    }
 }
 
 /// luo backend with `luo_disk_copy`: copies what the image tree `images` has that the disk copy
@@ -921,6 +1026,7 @@ pub(crate) fn dump_unit(
     images: &Path,
     parent: Option<&str>,
     memory: Option<&mut crate::page_server::Memory>,
+    mut keep: Option<&mut crate::luo_store::Held>,
 ) -> Result<(UnitImage, std::time::Instant), UpdateError> {
     let pid = systemd::main_pid(unit)?.ok_or_else(|| UpdateError::Refused {
         unit: unit.to_owned(),
@@ -951,6 +1057,12 @@ pub(crate) fn dump_unit(
     let mut tcp = Vec::new();
     let mut post_dump = || {
         tcp = crate::tcp::established(&pids);
+        // Memory kept in place: preserved now, the tree frozen and still there (CRIU kills it
+        // after this; a failure here resumes it).
+        if let Some(h) = keep.as_deref_mut() {
+            h.keep(unit, &thread_group_leaders(&pids))
+                .map_err(|e| format!("its memory cannot be kept in place: {e}"))?;
+        }
         check_images(unit, images).map_err(|e| match e {
             UpdateError::Images { source, .. } => format!("its images are not whole: {source}"),
             other => other.to_string(),
@@ -1180,5 +1292,36 @@ mod tests {
         );
         assert_eq!(uncheckpointable("anon_inode:[eventfd]"), None);
         assert_eq!(uncheckpointable("socket:[1234]"), None);
+    }
+
+    #[test]
+    fn memory_is_kept_in_place_only_without_a_disk_copy_with_a_lazy_restore_on_a_ppp_kernel() {
+        use crate::config::RestoreMode;
+        let mut s = Settings::default();
+        s.update.backend = Backend::Luo;
+        s.update.luo_disk_copy = false;
+        s.update.restore = RestoreMode::Lazy;
+        assert_eq!(in_place_for(&s, || Ok(())), Ok(()));
+        let no_ppp = || Err("no PPP".to_owned());
+        assert_eq!(in_place_for(&s, no_ppp), Err("no PPP".to_owned()));
+        s.update.restore = RestoreMode::Eager;
+        assert!(
+            in_place_for(&s, || Ok(()))
+                .unwrap_err()
+                .contains("restore = \"lazy\"")
+        );
+        s.update.restore = RestoreMode::Lazy;
+        s.update.luo_disk_copy = true;
+        assert!(
+            in_place_for(&s, || Ok(()))
+                .unwrap_err()
+                .contains("luo_disk_copy = false")
+        );
+        s.update.luo_disk_copy = false;
+        s.update.luo_in_place = false;
+        assert_eq!(
+            in_place_for(&s, || Ok(())),
+            Err("luo_in_place = false".to_owned())
+        );
     }
 }

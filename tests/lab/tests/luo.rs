@@ -2,7 +2,10 @@
 //! installed in a guest from their Debian packages. kup.toml asks for `backend = "luo"`. Hop 1,
 //! Debian's 6.12 -> 7.2.13-kup: the running kernel has no LUO, so kup says so and goes through the
 //! disk, and gives the target `kho=on liveupdate=on`. Hop 2, 7.2.13-kup -> 7.3.4-kup: the
-//! checkpoint stays in RAM across the kexec (LUO), nothing of it is written to disk. memcached keeps
+//! checkpoint stays in RAM across the kexec (LUO), nothing of it is written to disk, and the
+//! services' memory is not even copied: kup's kernels carry the PPP patch, so with
+//! `luo_disk_copy = false` and the lazy restore the processes' pages are kept where they are
+//! (`luo_in_place`), and the checkpoint files hold only CRIU's metadata. memcached keeps
 //! its PID and every key across both. The disk-write probe reports what the root disk wrote from
 //! just before each `kupctl update` to the kexec, read from the serial console on the host. Hop 3,
 //! the luo row of the fault matrix: 7.3.4-kup -> 7.2.13-kup with the images in RAM, where
@@ -134,6 +137,13 @@ fn hop(lab: &Lab, port: u16, pids: (&str, &str), redis: u16, kernel: &str, label
                 old_journal.contains("kup: kept in RAM (LUO): "),
                 "the holder preserved the images"
             );
+            // PPP (kup's kernels carry the patch, luo_disk_copy is off, the restore lazy): the
+            // processes' memory stayed where it was, the checkpoint files hold almost nothing.
+            let (files_mib, kept) = in_place_summary(&old_journal);
+            assert!(
+                kept >= 2 && files_mib * 1024 < rss_kib / 8,
+                "memcached's and redis's memory kept in place, not copied ({files_mib} MiB of checkpoint files, {kept} processes kept)"
+            );
             assert!(
                 images < rss / 8,
                 "only {images} bytes may reach the disk for a memcached of {rss_kib} KiB: no image bytes"
@@ -190,6 +200,25 @@ fn hop(lab: &Lab, port: u16, pids: (&str, &str), redis: u16, kernel: &str, label
         "{}",
         lab.exec("journalctl -b -u memcached -o cat --no-pager | grep 'restored as' || true")
     );
+}
+
+/// From kupd's journal line `kup: kept in RAM (LUO): N files, M MiB, and the memory of K
+/// process(es) kept in place, ...`: (M, K).
+fn in_place_summary(journal: &str) -> (u64, u64) {
+    let line = journal
+        .lines()
+        .find(|l| l.contains("kup: kept in RAM (LUO): "))
+        .unwrap_or_default();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let before = |w: &str| {
+        words
+            .iter()
+            .position(|x| x.trim_end_matches(',') == w)
+            .and_then(|i| words.get(i.checked_sub(1)?))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number before {w:?} in {line:?}"))
+    };
+    (before("MiB"), before("process(es)"))
 }
 
 #[test]
