@@ -248,6 +248,15 @@ impl LabBench {
         let result = self
             .onto_kup_kernel()
             .and_then(|()| self.run_in_guest(scenario, ws, port));
+        // KUP_BENCH_KEEP: a failed run's guest stays up for a look (`KUP_LAB_RUN_DIR=... kup-lab
+        // exec`); the benchmark stops there.
+        if result.is_err() && std::env::var_os("KUP_BENCH_KEEP").is_some() {
+            eprintln!(
+                "bench: the failed run's guest is kept: KUP_LAB_RUN_DIR={} kup-lab exec -- CMD",
+                self.run_dir.display()
+            );
+            std::process::exit(1);
+        }
         let _ = self.lab(&["stop"]);
         result
     }

@@ -36,6 +36,11 @@ use crate::criu_image::{self, Entry, Extent, PE_LAZY, PE_PRESENT, Pagemap};
 pub const DIR: &str = "foam";
 /// In a pagemap's directory: its process's memory is kept in place (PPP); none of it is copied.
 pub const IN_PLACE: &str = "in-place";
+/// In a pagemap's directory kept in place: the pages of the kernel's special mappings (the vDSO,
+/// which the kernel does not keep), dense, and where each belongs ([`SPECIAL_MAP`]: one line per
+/// page, `ADDRESS OFFSET` in hexadecimal).
+pub const SPECIAL_DATA: &str = "special.data";
+pub const SPECIAL_MAP: &str = "special.map";
 /// In a pagemap's directory: the whole address space in one file, page `vaddr` at offset `vaddr`
 /// (the memory kept in place, as the new kernel hands it back: a memfd).
 pub const WHOLE: &str = "whole.foam";
@@ -160,32 +165,35 @@ pub fn slice_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, FoamError> {
 
 /// The address ranges holding data in one pagemap's directory (its files' extents).
 pub fn data_ranges(dir: &Path) -> Result<Vec<(u64, u64)>, FoamError> {
-    use nix::unistd::{Whence, lseek};
     let mut out = Vec::new();
-    let mut files: Vec<(u64, PathBuf)> = slice_files(dir)?
-        .into_iter()
-        .map(|(slice, path)| (slice << SLICE_SHIFT, path))
-        .collect();
-    if dir.join(WHOLE).exists() {
-        files.push((0, dir.join(WHOLE)));
+    for (slice, path) in slice_files(dir)? {
+        out.extend(file_extents(&path, slice << SLICE_SHIFT)?);
     }
-    for (base, path) in files {
-        let f = File::open(&path).map_err(io_err("open", &path))?;
-        let len = f.metadata().map_err(io_err("stat", &path))?.len() as i64;
-        let mut at = 0i64;
-        while at < len {
-            let data = match lseek(&f, at, Whence::SeekData) {
-                Ok(d) => d,
-                Err(nix::errno::Errno::ENXIO) => break,
-                Err(e) => return Err(io_err("seek in", &path)(e.into())),
-            };
-            let hole = lseek(&f, data, Whence::SeekHole)
-                .map_err(|e| io_err("seek in", &path)(e.into()))?;
-            out.push((base + data as u64, base + hole as u64));
-            at = hole;
-        }
+    if dir.join(WHOLE).exists() {
+        out.extend(file_extents(&dir.join(WHOLE), 0)?);
     }
     Ok(merge_ranges(out))
+}
+
+/// The data extents (`SEEK_DATA`/`SEEK_HOLE`) of the file at `path`, as addresses from `base`.
+fn file_extents(path: &Path, base: u64) -> Result<Vec<(u64, u64)>, FoamError> {
+    use nix::unistd::{Whence, lseek};
+    let f = File::open(path).map_err(io_err("open", path))?;
+    let len = f.metadata().map_err(io_err("stat", path))?.len() as i64;
+    let mut out = Vec::new();
+    let mut at = 0i64;
+    while at < len {
+        let data = match lseek(&f, at, Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(io_err("seek in", path)(e.into())),
+        };
+        let hole =
+            lseek(&f, data, Whence::SeekHole).map_err(|e| io_err("seek in", path)(e.into()))?;
+        out.push((base + data as u64, base + hole as u64));
+        at = hole;
+    }
+    Ok(out)
 }
 
 /// A unit's FOAM store, open for writing (the dumping side).
@@ -300,6 +308,11 @@ fn read_at(dir: &Path, vaddr: u64, buf: &mut [u8]) -> Result<(), FoamError> {
         let f = File::open(&whole).map_err(io_err("open", &whole))?;
         return f.read_exact_at(buf, vaddr).map_err(io_err("read", &whole));
     }
+    read_slices_at(dir, vaddr, buf)
+}
+
+/// [`read_at`] from the slice files only.
+fn read_slices_at(dir: &Path, vaddr: u64, buf: &mut [u8]) -> Result<(), FoamError> {
     let mut done = 0usize;
     for (slice, offset, len) in pieces(vaddr, vaddr + buf.len() as u64) {
         let part = &mut buf[done..done + len as usize];
@@ -476,6 +489,66 @@ pub fn fill_pages_files(images: &Path) -> Result<u64, FoamError> {
 /// ([`WHOLE`]). Returns the bytes copied.
 pub fn fill_in_place(images: &Path) -> Result<u64, FoamError> {
     fill(images, |dir, e| e.flags & PE_LAZY == 0 && in_place(dir))
+}
+
+/// [`SPECIAL_MAP`]'s text for page address -> offset in [`SPECIAL_DATA`].
+pub fn render_special_map(pages: &BTreeMap<u64, u64>) -> String {
+    pages
+        .iter()
+        .map(|(a, o)| format!("{a:x} {o:x}\n"))
+        .collect()
+}
+
+/// Parses [`SPECIAL_MAP`]'s text.
+pub fn parse_special_map(text: &str) -> Result<Vec<(u64, u64)>, String> {
+    text.lines()
+        .map(|l| {
+            let (a, o) = l
+                .split_once(' ')
+                .ok_or_else(|| format!("{l:?} is not `ADDRESS OFFSET`"))?;
+            let hex = |v: &str| u64::from_str_radix(v, 16).map_err(|e| format!("{v:?}: {e}"));
+            Ok((hex(a)?, hex(o)?))
+        })
+        .collect()
+}
+
+/// Memory kept in place, on the new kernel: the special pages stored beside it
+/// ([`SPECIAL_DATA`], the vDSO's) are copied into [`WHOLE`] at their addresses, so that it alone
+/// holds the process's memory. Returns the bytes copied.
+pub fn merge_into_whole(images: &Path) -> Result<u64, FoamError> {
+    let mut copied = 0;
+    let root = images.join(DIR);
+    if !root.is_dir() {
+        return Ok(0);
+    }
+    for name in names(&root)? {
+        let dir = root.join(&name);
+        let (whole_path, map_path) = (dir.join(WHOLE), dir.join(SPECIAL_MAP));
+        if !whole_path.exists() || !map_path.exists() {
+            continue;
+        }
+        let map = std::fs::read_to_string(&map_path).map_err(io_err("read", &map_path))?;
+        let map = parse_special_map(&map).map_err(|reason| FoamError::Inconsistent {
+            path: map_path.display().to_string(),
+            reason,
+        })?;
+        let data_path = dir.join(SPECIAL_DATA);
+        let data = File::open(&data_path).map_err(io_err("open", &data_path))?;
+        let whole = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&whole_path)
+            .map_err(io_err("open", &whole_path))?;
+        let mut buf = vec![0u8; PAGE as usize];
+        for (addr, off) in map {
+            data.read_exact_at(&mut buf, off)
+                .map_err(io_err("read", &data_path))?;
+            whole
+                .write_all_at(&buf, addr)
+                .map_err(io_err("write", &whole_path))?;
+            copied += PAGE;
+        }
+    }
+    Ok(copied)
 }
 
 /// Whether a pagemap directory's memory is kept in place ([`IN_PLACE`] or [`WHOLE`] in it).

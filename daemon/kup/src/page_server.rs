@@ -169,8 +169,16 @@ pub struct Memory {
     /// Whether the last run completed (its pages can be a parent).
     trusted: bool,
     /// The processes' memory is kept in place (PPP): their pages are read off the socket and
-    /// dropped, only the pagemaps are kept (shared-memory objects are stored as usual).
+    /// dropped, only the pagemaps are kept (shared-memory objects are stored as usual), except
+    /// the pages of the kernel's special mappings (the vDSO), which the kernel does not keep.
     in_place: bool,
+    /// Memory kept in place: each process's special mappings, read once per run.
+    specials: BTreeMap<String, Vec<(u64, u64)>>,
+    /// Memory kept in place: where each stored special page is in its pagemap's
+    /// [`foam::SPECIAL_DATA`] (page address -> offset), across the runs.
+    special_pages: BTreeMap<String, BTreeMap<u64, u64>>,
+    /// Where they come from: `/proc/PID/maps` ([`special_ranges`]); tests give their own.
+    special_ranges: fn(i32) -> Vec<(u64, u64)>,
 }
 
 impl Memory {
@@ -181,6 +189,9 @@ impl Memory {
             present: BTreeMap::new(),
             trusted: false,
             in_place: false,
+            specials: BTreeMap::new(),
+            special_pages: BTreeMap::new(),
+            special_ranges,
         })
     }
 
@@ -366,20 +377,71 @@ impl Memory {
         len: u64,
     ) -> Result<(), PageServerError> {
         if self.kept_in_place(name) {
+            // The kernel keeps the process's anonymous pages: only those of its special mappings
+            // are stored ([`foam::merge_into_whole`] adds them to the kept memory at the restore).
+            let pid = name
+                .strip_prefix("pagemap-")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            let read = self.special_ranges;
+            let specials = self
+                .specials
+                .entry(name.to_owned())
+                .or_insert_with(|| read(pid))
+                .clone();
             let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
-            return pump(sock, (pipe_r, pipe_w), (name, vaddr), len, &null, None);
+            for (a, b, store) in split_by(vaddr, vaddr + len, &specials) {
+                if store {
+                    self.store_special(sock, (pipe_r, pipe_w), name, a, b - a)?;
+                } else {
+                    pump(sock, (pipe_r, pipe_w), (name, a), b - a, &null, None)?;
+                }
+            }
+            return Ok(());
         }
+        self.store(sock, (pipe_r, pipe_w), name, vaddr, len)
+    }
+
+    /// Memory kept in place: moves the pages at `vaddr..vaddr + len` of a special mapping into
+    /// `name`'s dense [`foam::SPECIAL_DATA`] (a page sent again overwrites its earlier copy), not
+    /// into a sparse slice file: LUO would allocate every hole of that.
+    fn store_special(
+        &mut self,
+        sock: &UnixStream,
+        pipe: (&OwnedFd, &OwnedFd),
+        name: &str,
+        vaddr: u64,
+        len: u64,
+    ) -> Result<(), PageServerError> {
+        let dir = self.foam.root().join(name);
+        std::fs::create_dir_all(&dir)?;
+        let data = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(foam::SPECIAL_DATA))?;
+        let pages = self.special_pages.entry(name.to_owned()).or_default();
+        for at in (vaddr..vaddr + len).step_by(PAGE as usize) {
+            let next = pages.len() as u64 * PAGE;
+            let mut off = *pages.entry(at).or_insert(next) as nix::libc::loff_t;
+            pump(sock, pipe, (name, at), PAGE, &data, Some(&mut off))?;
+        }
+        Ok(())
+    }
+
+    /// Moves `len` bytes of page data from the socket into `name`'s FOAM at `vaddr`.
+    fn store(
+        &mut self,
+        sock: &UnixStream,
+        pipe: (&OwnedFd, &OwnedFd),
+        name: &str,
+        vaddr: u64,
+        len: u64,
+    ) -> Result<(), PageServerError> {
         for (slice, offset, part) in foam::pieces(vaddr, vaddr + len) {
             let file = self.foam.file(name, slice)?;
             let mut off = offset as nix::libc::loff_t;
-            pump(
-                sock,
-                (pipe_r, pipe_w),
-                (name, vaddr),
-                part,
-                file,
-                Some(&mut off),
-            )?;
+            pump(sock, pipe, (name, vaddr), part, file, Some(&mut off))?;
         }
         Ok(())
     }
@@ -391,6 +453,7 @@ impl Memory {
         round: BTreeMap<String, Vec<Entry>>,
         images: Option<&Path>,
     ) -> Result<(), PageServerError> {
+        self.specials.clear();
         let mut next = BTreeMap::new();
         for (name, entries) in &round {
             let parent = self.present.get(name).map(Vec::as_slice);
@@ -400,6 +463,11 @@ impl Memory {
         }
         for (name, before) in &self.present {
             if self.kept_in_place(name) {
+                // Kept in place: nothing stored to punch; a process gone leaves.
+                if !next.contains_key(name) {
+                    self.foam.remove(name)?;
+                    self.special_pages.remove(name);
+                }
                 continue;
             }
             match next.get(name) {
@@ -418,8 +486,12 @@ impl Memory {
         for (name, entries) in &next {
             let dir = self.foam.root().join(name);
             if self.kept_in_place(name) {
+                let map = foam::render_special_map(
+                    self.special_pages.get(name).unwrap_or(&BTreeMap::new()),
+                );
                 std::fs::create_dir_all(&dir)
                     .and_then(|()| std::fs::write(dir.join(foam::IN_PLACE), b""))
+                    .and_then(|()| std::fs::write(dir.join(foam::SPECIAL_MAP), map))
                     .map_err(PageServerError::Io)?;
                 continue;
             }
@@ -446,6 +518,53 @@ impl Memory {
         }
         Ok(())
     }
+}
+
+/// The kernel's special mappings of process `pid` (`[vdso]` and the like: bracketed names other
+/// than `[heap]`, `[stack]` and `[anon:...]`), from `/proc/PID/maps`: CRIU dumps the vDSO's pages,
+/// and they are not the process's anonymous pages that the kernel keeps in place.
+pub fn special_ranges(pid: i32) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map(|maps| parse_special_ranges(&maps))
+        .unwrap_or_default()
+}
+
+/// [`special_ranges`] of a `/proc/PID/maps` text.
+pub fn parse_special_ranges(maps: &str) -> Vec<(u64, u64)> {
+    maps.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let range = w.next()?;
+            let name = w.nth(4)?;
+            let special = name.starts_with('[')
+                && !matches!(name, "[heap]" | "[stack]")
+                && !name.starts_with("[anon:")
+                && !name.starts_with("[stack:");
+            let (a, b) = range.split_once('-')?;
+            let range = (
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            );
+            special.then_some(range)
+        })
+        .collect()
+}
+
+/// `start..end` cut along `ranges` (sorted, disjoint): `(a, b, inside)` pieces, in order.
+pub fn split_by(start: u64, end: u64, ranges: &[(u64, u64)]) -> Vec<(u64, u64, bool)> {
+    let mut out = Vec::new();
+    let mut at = start;
+    for &(a, b) in ranges.iter().filter(|r| r.1 > start && r.0 < end) {
+        if a > at {
+            out.push((at, a, false));
+        }
+        out.push((a.max(at), b.min(end), true));
+        at = b.min(end);
+    }
+    if at < end {
+        out.push((at, end, false));
+    }
+    out
 }
 
 /// Moves `len` bytes of page data (of pagemap `name`, the pages at `vaddr`) from the socket to
@@ -717,6 +836,8 @@ mod tests {
         let images = tmp.path().to_path_buf();
         let root = images.join(foam::DIR);
         let mut memory = Memory::create_in_place(&root).unwrap();
+        // The process's vDSO: its pages are stored, not dropped.
+        memory.special_ranges = |_| vec![(0x20_000, 0x22_000)];
         let page = |b: u8, n: usize| vec![b; n * PAGE as usize];
         let (p7, shm) = ((7u64 << 8) | 1, (3u64 << 8) | 2);
         // (A memfd takes any address; the test's files are on the host's disk, ext4 stops at 16 TiB.)
@@ -731,6 +852,10 @@ mod tests {
             criu.write_all(&header(PS_IOV_ADD_F, PE_PRESENT | PE_LAZY, 2, 0x10_000, p7))
                 .unwrap();
             criu.write_all(&page(1, 2)).unwrap();
+            // The last page of a heap range and the vDSO's two, in one range.
+            criu.write_all(&header(PS_IOV_ADD_F, PE_PRESENT, 3, 0x1f_000, p7))
+                .unwrap();
+            criu.write_all(&[page(3, 1), page(4, 2)].concat()).unwrap();
             criu.write_all(&header(PS_IOV_ADD_F, PE_PRESENT, 1, stack, p7))
                 .unwrap();
             criu.write_all(&page(5, 1)).unwrap();
@@ -758,6 +883,8 @@ mod tests {
             criu.write_all(&header(PS_IOV_ADD_F, PE_PRESENT | PE_LAZY, 1, 0x11_000, p7))
                 .unwrap();
             criu.write_all(&page(2, 1)).unwrap();
+            criu.write_all(&header(PS_IOV_ADD_F, PE_PARENT, 3, 0x1f_000, p7))
+                .unwrap();
             criu.write_all(&header(PS_IOV_ADD_F, PE_PARENT, 1, stack, p7))
                 .unwrap();
             criu.write_all(&header(PS_IOV_OPEN2, 0, 0, 0, shm)).unwrap();
@@ -779,7 +906,16 @@ mod tests {
         assert_eq!(
             foam::data_ranges(&dir).unwrap(),
             vec![],
-            "nothing of it stored"
+            "nothing of it in FOAM's sparse files"
+        );
+        // The vDSO's pages, dense (a sparse file would have LUO allocate its holes).
+        assert_eq!(
+            std::fs::read_to_string(dir.join(foam::SPECIAL_MAP)).unwrap(),
+            "20000 0\n21000 1000\n"
+        );
+        assert_eq!(
+            std::fs::read(dir.join(foam::SPECIAL_DATA)).unwrap(),
+            page(4, 2)
         );
         assert_eq!(
             foam::data_ranges(&root.join("pagemap-shmem-3")).unwrap(),
@@ -789,16 +925,29 @@ mod tests {
         // The old kernel's check: the memory is where the process has it.
         foam::check(&images).unwrap();
         // The new kernel hands the memory back: page `vaddr` at offset `vaddr`.
-        let whole = std::fs::File::create(dir.join(foam::WHOLE)).unwrap();
+        let whole = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join(foam::WHOLE))
+            .unwrap();
         whole
             .write_all_at(&[page(1, 1), page(2, 1)].concat(), 0x10_000)
             .unwrap();
+        whole.write_all_at(&page(3, 1), 0x1f_000).unwrap();
         whole.write_all_at(&page(5, 1), stack).unwrap();
         // Another anonymous page CRIU does not restore: harmless.
         whole.write_all_at(&page(7, 1), 0x50_000).unwrap();
+        // The restore: the vDSO joins the kept memory.
+        assert_eq!(foam::merge_into_whole(&images).unwrap(), 2 * PAGE);
+        let mut vdso = vec![0u8; 2 * PAGE as usize];
+        whole.read_exact_at(&mut vdso, 0x20_000).unwrap();
+        assert_eq!(vdso, page(4, 2));
         foam::check(&images).unwrap();
-        // The stack (not lazy) goes into the pages file for CRIU; the rest stays lazy.
-        assert_eq!(foam::fill_in_place(&images).unwrap(), PAGE);
+        // What is not lazy (a heap page, the vDSO, the stack) goes into the pages file for CRIU;
+        // the rest stays lazy.
+        assert_eq!(foam::fill_in_place(&images).unwrap(), 4 * PAGE);
         let pm = criu_image::parse(&std::fs::read(images.join("pagemap-7.img")).unwrap()).unwrap();
         // Lazy pages take no room in the pages file (`PE_LAZY` alone): it holds the stack only.
         assert_eq!(
@@ -815,6 +964,11 @@ mod tests {
                     flags: PE_LAZY
                 },
                 criu_image::Entry {
+                    vaddr: 0x1f_000,
+                    nr_pages: 3,
+                    flags: PE_PRESENT
+                },
+                criu_image::Entry {
                     vaddr: stack,
                     nr_pages: 1,
                     flags: PE_PRESENT
@@ -822,7 +976,7 @@ mod tests {
             ]
         );
         let pages = std::fs::read(images.join(format!("pages-{}.img", pm.pages_id))).unwrap();
-        assert_eq!(&pages[..], &page(5, 1)[..]);
+        assert_eq!(pages, [page(3, 1), page(4, 2), page(5, 1)].concat());
         foam::check(&images).unwrap();
         let (files, extents) = foam::process_extents(&images, 7, &pm.entries)
             .unwrap()
@@ -835,5 +989,35 @@ mod tests {
         whole.write_all_at(&page(5, 1), stack).unwrap();
         let err = foam::check(&images).unwrap_err().to_string();
         assert!(err.contains("listed but not stored"), "{err}");
+    }
+
+    #[test]
+    fn special_mappings_are_the_kernels_and_ranges_split_along_them() {
+        let maps = "55d0c8a00000-55d0c8a21000 rw-p 00000000 00:00 0          [heap]\n\
+            7fc3a25d5000-7fc3a25d7000 rw-p 00000000 00:00 0 \n\
+            7fc3a25d7000-7fc3a25db000 r--p 00000000 00:00 0          [vvar]\n\
+            7fc3a25dd000-7fc3a25df000 r-xp 00000000 00:00 0          [vdso]\n\
+            7fc3a25df000-7fc3a25e0000 r--p 00000000 fe:20 6642       /usr/lib/ld-linux-x86-64.so.2\n\
+            7ffd0984b000-7ffd0986c000 rw-p 00000000 00:00 0          [stack]\n\
+            7ffd09900000-7ffd09901000 rw-p 00000000 00:00 0          [anon:glibc: malloc]\n";
+        assert_eq!(
+            parse_special_ranges(maps),
+            vec![
+                (0x7fc3_a25d_7000, 0x7fc3_a25d_b000),
+                (0x7fc3_a25d_d000, 0x7fc3_a25d_f000)
+            ]
+        );
+        let r = [(0x20, 0x30), (0x40, 0x50)];
+        assert_eq!(
+            split_by(0x10, 0x45, &r),
+            vec![
+                (0x10, 0x20, false),
+                (0x20, 0x30, true),
+                (0x30, 0x40, false),
+                (0x40, 0x45, true)
+            ]
+        );
+        assert_eq!(split_by(0x60, 0x70, &r), vec![(0x60, 0x70, false)]);
+        assert_eq!(split_by(0x22, 0x28, &r), vec![(0x22, 0x28, true)]);
     }
 }

@@ -236,6 +236,8 @@ fn restore_unit(unit: &str) -> Result<Restored, RestoreError> {
     let mut probe = criu::warm_probe();
     let images = PathBuf::from(&u.images);
     let t = Instant::now();
+    // Memory kept in place: the vDSO's pages, stored beside it, join it first.
+    crate::foam::merge_into_whole(&images).map_err(crate::criu_image::ImageError::from)?;
     crate::criu_image::check(&images)?;
     let lazy = m.restore == RestoreMode::Lazy;
     // An eager restore of a dump into FOAM: CRIU reads every page itself, from its pages files
