@@ -532,6 +532,10 @@ pub fn merge_into_whole(images: &Path) -> Result<u64, FoamError> {
             path: map_path.display().to_string(),
             reason,
         })?;
+        // No special page stored (a process restored by CRIU before has its vDSO copy anonymous).
+        if map.is_empty() {
+            continue;
+        }
         let data_path = dir.join(SPECIAL_DATA);
         let data = File::open(&data_path).map_err(io_err("open", &data_path))?;
         let whole = std::fs::OpenOptions::new()

@@ -835,6 +835,14 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let images = tmp.path().to_path_buf();
         let root = images.join(foam::DIR);
+        // Without special pages, nothing is merged.
+        let none = tempfile::tempdir().unwrap();
+        let dir0 = none.path().join(foam::DIR).join("pagemap-9");
+        std::fs::create_dir_all(&dir0).unwrap();
+        std::fs::write(dir0.join(foam::IN_PLACE), b"").unwrap();
+        std::fs::write(dir0.join(foam::SPECIAL_MAP), b"").unwrap();
+        std::fs::write(dir0.join(foam::WHOLE), b"").unwrap();
+        assert_eq!(foam::merge_into_whole(none.path()).unwrap(), 0);
         let mut memory = Memory::create_in_place(&root).unwrap();
         // The process's vDSO: its pages are stored, not dropped.
         memory.special_ranges = |_| vec![(0x20_000, 0x22_000)];
