@@ -93,9 +93,11 @@ const KUP_PATHS: &[&str] = &[
 
 /// Every path on the guest's root filesystem and in /run whose name says kup, less the lab's own
 /// (kup-lab*, its payload disk kup-payload, its ESP disk kup-esp / KUP-ESP), man-db's cache of rendered pages (/var/cache/man,
-/// man-db's to prune) and names that merely contain the letters (backup, lookup).
+/// man-db's to prune), names that merely contain the letters (backup, lookup) and the random suffix of
+/// systemd's private tmp directories (systemd-private-…-logind.service-F10kUP was one).
 const FIND_KUP: &str = "find / /run -xdev \\( -path /proc -o -path /sys -o -path /usr/lib/modules -o -path /var/cache/man \\) \
-     -prune -o -iname '*kup*' -print | grep -v -e kup-lab -e kup-payload -e kup-esp -e KUP-ESP | awk -F/ 'tolower($NF) !~ /backup|lookup/' | sort -u";
+     -prune -o -iname '*kup*' -print | grep -v -e kup-lab -e kup-payload -e kup-esp -e KUP-ESP | awk -F/ '{ n = tolower($NF); if (n ~ /^systemd-private-/) sub(/-[a-z0-9][a-z0-9][a-z0-9][a-z0-9][a-z0-9][a-z0-9]$/, \"\", n); \
+     if (n ~ /kup/ && n !~ /backup|lookup/) print }' | sort -u";
 
 #[test]
 #[ignore = "lab: boots QEMU guests; run through tests/run"]
