@@ -72,4 +72,17 @@ else
     fi
     echo "$id" > /run/kup/pending
     info "kup: handoff $id pending${luo:+ (images in RAM, LUO)}; PIDs from ${floor:-?} down kept free"
+    # luo: the session is taken back here, before anything of the real root runs (a systemd that
+    # opens /dev/liveupdate itself, a unit that needs the memory). A process of its own (`@` in
+    # its name: the switch to the real root spares it; its PID is above the floor) holds it until
+    # kup-luo.service takes it over. Where this cannot run (an initrd without kup-restore), or
+    # fails, kup-luo.service takes the session itself.
+    claim=/usr/lib/kup/kup-restore
+    if [ -n "$luo" ] && [ ! -e /run/kup/resumed ] && [ -c /dev/liveupdate ] && [ -x "$claim" ]; then
+        if said=$("$claim" luo-claim-early "$root" 2>&1); then
+            info "$said"
+        else
+            warn "kup: the images kept in RAM were not taken back in the initramfs, kup-luo.service tries: $said"
+        fi
+    fi
 fi

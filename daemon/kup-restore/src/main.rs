@@ -83,6 +83,15 @@ fn main() -> Result<()> {
                 kup::luo_store::claim().context("taking the checkpoints kept in RAM (LUO) back")?;
             println!("kup: {msg}");
         }
+        Some("luo-claim-early") => {
+            let root = args
+                .get(2)
+                .context("usage: kup-restore luo-claim-early ROOT")?;
+            let argv0 = args.first().map(String::as_str).unwrap_or_default();
+            let msg = kup::luo_store::claim_early(Path::new(root), argv0)
+                .context("taking the checkpoints kept in RAM (LUO) back in the initramfs")?;
+            println!("kup: {msg}");
+        }
         Some("generator") => {
             let early = args
                 .get(3)
@@ -90,7 +99,7 @@ fn main() -> Result<()> {
             kup::restore::generate(Path::new(early))?;
         }
         _ => bail!(
-            "usage: kup-restore exec UNIT | holder | lazy UNIT | netlock | watchdog | finish | luo-hold DIR [--in-place] | luo-claim | generator NORMAL EARLY LATE"
+            "usage: kup-restore exec UNIT | holder | lazy UNIT | netlock | watchdog | finish | luo-hold DIR [--in-place] | luo-claim | luo-claim-early ROOT | generator NORMAL EARLY LATE"
         ),
     }
     Ok(())

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -189,6 +189,14 @@ impl Index {
             }
         }
         Ok(())
+    }
+
+    /// Every token of the session: the files', then the kept processes'.
+    pub fn tokens(&self) -> impl Iterator<Item = u64> + '_ {
+        self.files
+            .iter()
+            .map(|f| f.token)
+            .chain(self.processes.iter().map(|p| p.token))
     }
 
     /// The top-level directories (one per unit) and the tokens of the files under each.
@@ -386,6 +394,55 @@ impl Session {
         Ok(())
     }
 
+    /// The descriptor numbers of the session and of each file it holds, in this process (for
+    /// another process to take them over with [`Session::adopt`]).
+    pub fn descriptors(&self) -> (RawFd, Vec<(u64, RawFd)>) {
+        (
+            self.fd.as_raw_fd(),
+            self.files
+                .iter()
+                .map(|(t, f)| (*t, f.as_raw_fd()))
+                .collect(),
+        )
+    }
+
+    /// Takes over session `name` from the live process `pid`, where it is descriptor `fd` and
+    /// holds `files` (token, descriptor) (`pidfd_getfd`: the same open files, duplicated into
+    /// this process; the other process may go).
+    pub fn adopt(
+        name: &str,
+        pid: i32,
+        fd: RawFd,
+        files: &[(u64, RawFd)],
+    ) -> Result<Session, LuoError> {
+        use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+        let what =
+            |n: RawFd| format!("taking descriptor {n} of LUO session {name} from process {pid}");
+        let pidfd = Pid::from_raw(pid)
+            .ok_or_else(|| {
+                io_err(format!("process {pid} of LUO session {name}"))(
+                    io::ErrorKind::InvalidInput.into(),
+                )
+            })
+            .and_then(|p| {
+                pidfd_open(p, PidfdFlags::empty()).map_err(|e| {
+                    io_err(format!("process {pid}, which holds LUO session {name}"))(e.into())
+                })
+            })?;
+        let take = |n: RawFd| {
+            pidfd_getfd(&pidfd, n, PidfdGetfdFlags::empty()).map_err(|e| io_err(what(n))(e.into()))
+        };
+        let mut session = Session {
+            name: name.to_owned(),
+            fd: take(fd)?,
+            files: BTreeMap::new(),
+        };
+        for &(token, n) in files {
+            session.files.insert(token, take(n)?);
+        }
+        Ok(session)
+    }
+
     /// Finishes a retrieved session: the kernel drops its records (the files stay while open).
     pub fn finish(self) -> Result<(), LuoError> {
         sys::finish_session(self.fd.as_raw_fd())
@@ -443,16 +500,10 @@ pub fn scan(root: &Path, session: &str) -> Result<Index, LuoError> {
     Ok(index)
 }
 
-/// Outgoing kernel: preserves every file of `index` (under `root`, on a tmpfs) in a new session.
-/// Each file is opened, unlinked (LUO keeps only unlinked shmem files) and preserved; its memory
-/// is not copied. On failure the files preserved so far are written back ([`Session::give_back`]).
-pub fn preserve_tree(root: &Path, index: &Index) -> Result<Session, LuoError> {
-    let mut session = Session::create(&index.session)?;
-    preserve_files(&mut session, root, index)?;
-    Ok(session)
-}
-
-/// [`preserve_tree`] into `session`, which may hold processes kept in place already.
+/// Outgoing kernel: preserves every file of `index` (under `root`, on a tmpfs) in `session`, which
+/// may hold processes kept in place already. Each file is opened, unlinked (LUO keeps only
+/// unlinked shmem files) and preserved; its memory is not copied. On failure the files preserved
+/// so far are written back ([`Session::give_back`]).
 pub fn preserve_files(session: &mut Session, root: &Path, index: &Index) -> Result<(), LuoError> {
     for f in &index.files {
         let path = root.join(&f.path);
@@ -496,14 +547,31 @@ impl Session {
     }
 }
 
-/// Incoming kernel: retrieves every file of `index` from its session, checks each size against
-/// the index, and lays the tree out under `root`: a symlink to `/proc/HOLDER/fd/N` per file (the
-/// caller, `holder`, keeps the session and its files open), the recorded symlinks as they were.
-pub fn retrieve_tree(root: &Path, index: &Index, holder: u32) -> Result<Session, LuoError> {
+/// Incoming kernel: retrieves every file and process of `index` from its session (see
+/// [`lay_out`] for the rest).
+pub fn take_tree(index: &Index) -> Result<Session, LuoError> {
     let mut session = Session::retrieve(&index.session)?;
+    for token in index.tokens() {
+        session.take(token)?;
+    }
+    Ok(session)
+}
+
+/// Incoming kernel: checks each file `session` holds against the size in `index`, and lays the
+/// tree out under `root`: a symlink to `/proc/HOLDER/fd/N` per file and kept process (the caller,
+/// `holder`, keeps the session and its files open), the recorded symlinks as they were.
+pub fn lay_out(root: &Path, index: &Index, session: &Session, holder: u32) -> Result<(), LuoError> {
+    let fd_of = |token: u64, path: &str| {
+        session.files.get(&token).ok_or_else(|| LuoError::Io {
+            what: format!(
+                "LUO session {} holds no token {token} for {path}",
+                session.name
+            ),
+            source: io::ErrorKind::NotFound.into(),
+        })
+    };
     for f in &index.files {
-        session.take(f.token)?;
-        let fd = &session.files[&f.token];
+        let fd = fd_of(f.token, &f.path)?;
         let got = File::from(fd.try_clone().map_err(io_err("duplicating a descriptor"))?)
             .metadata()
             .map_err(io_err(format!("reading the size of {}", f.path)))?
@@ -522,8 +590,7 @@ pub fn retrieve_tree(root: &Path, index: &Index, holder: u32) -> Result<Session,
         )?;
     }
     for p in &index.processes {
-        session.take(p.token)?;
-        let fd = &session.files[&p.token];
+        let fd = fd_of(p.token, &p.path)?;
         link(
             root,
             &p.path,
@@ -533,6 +600,13 @@ pub fn retrieve_tree(root: &Path, index: &Index, holder: u32) -> Result<Session,
     for (path, target) in &index.links {
         link(root, path, target)?;
     }
+    Ok(())
+}
+
+/// Incoming kernel: [`take_tree`], then [`lay_out`].
+pub fn retrieve_tree(root: &Path, index: &Index, holder: u32) -> Result<Session, LuoError> {
+    let session = take_tree(index)?;
+    lay_out(root, index, &session, holder)?;
     Ok(session)
 }
 
@@ -582,6 +656,75 @@ mod tests {
         assert!(name_bytes(&"x".repeat(63)).is_ok());
         assert!(name_bytes(&"x".repeat(64)).is_err());
         assert!(name_bytes("a\0b").is_err());
+    }
+
+    #[test]
+    fn an_adopted_session_holds_the_same_files_and_lays_them_out() {
+        use std::io::{Read, Write};
+        // As the early claim leaves it: a process (here this one) holding the session and its
+        // files; any open file stands in for the session's descriptor.
+        let dir = tempfile::tempdir().unwrap();
+        let mut pages = tempfile::tempfile().unwrap();
+        pages.write_all(&[5u8; 4096]).unwrap();
+        let session_fd = tempfile::tempfile().unwrap();
+        let (pid, fd) = (std::process::id() as i32, session_fd.as_raw_fd());
+        let s = Session::adopt("kup-x", pid, fd, &[(1, pages.as_raw_fd())]).unwrap();
+        assert_eq!(s.name, "kup-x");
+        assert_ne!(
+            s.files[&1].as_raw_fd(),
+            pages.as_raw_fd(),
+            "a duplicate of its own"
+        );
+        let index = Index {
+            session: "kup-x".into(),
+            files: vec![IndexFile {
+                token: 1,
+                path: "a.service/pages-1.img".into(),
+                size: 4096,
+            }],
+            links: [("a.service/parent".to_owned(), "pre-1".to_owned())].into(),
+            processes: Vec::new(),
+        };
+        lay_out(dir.path(), &index, &s, std::process::id()).unwrap();
+        let mut got = Vec::new();
+        File::open(dir.path().join("a.service/pages-1.img"))
+            .unwrap()
+            .read_to_end(&mut got)
+            .unwrap();
+        assert_eq!(got, vec![5u8; 4096], "the laid-out file is the adopted one");
+        assert_eq!(
+            std::fs::read_link(dir.path().join("a.service/parent")).unwrap(),
+            Path::new("pre-1")
+        );
+        // A size the index does not expect, a token the session lacks, a process that is gone:
+        // each says what.
+        let mut wrong = index.clone();
+        wrong.files[0].size = 8192;
+        let err = lay_out(dir.path(), &wrong, &s, std::process::id()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LuoError::Size {
+                    want: 8192,
+                    got: 4096,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        wrong.files[0] = IndexFile {
+            token: 2,
+            path: "a.service/pages-2.img".into(),
+            size: 1,
+        };
+        let err = lay_out(dir.path(), &wrong, &s, std::process::id())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("holds no token 2"), "{err}");
+        let err = Session::adopt("kup-x", i32::MAX, fd, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("process {}", i32::MAX)), "{err}");
     }
 
     #[test]
@@ -656,7 +799,8 @@ mod tests {
         std::fs::create_dir(dir.path().join("u")).unwrap();
         std::fs::write(dir.path().join("u/pages-1.img"), vec![9u8; 12288]).unwrap();
         let index = scan(dir.path(), "kup-unit-test").unwrap();
-        let session = preserve_tree(dir.path(), &index).unwrap();
+        let mut session = Session::create(&index.session).unwrap();
+        preserve_files(&mut session, dir.path(), &index).unwrap();
         assert!(!dir.path().join("u/pages-1.img").exists());
         session.give_back(dir.path(), &index).unwrap();
         assert_eq!(

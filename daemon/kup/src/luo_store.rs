@@ -25,6 +25,12 @@ const KUP_RESTORE: &str = "/usr/lib/kup/kup-restore";
 /// The holder's `argv[0]`: systemd-shutdown spares processes whose name begins with `@` (root
 /// storage daemons) from its final killing spree, so the session is still open at the kexec.
 pub const HOLDER_ARGV0: &str = "@kup-luo-hold";
+/// The early claim's `argv[0]` (`kup-restore luo-claim-early`, from the initramfs): the `@`
+/// exempts it from the killing spree of systemd's switch to the real root, so it holds the session
+/// until kup-luo.service takes it over.
+pub const CLAIM_ARGV0: &str = "@kup-luo-claim";
+/// What the early claim took, for kup-luo.service to take over ([`EarlyClaim`]).
+pub const CLAIMED: &str = "/run/kup/luo-claimed";
 /// The session name of handoff `id`.
 pub fn session_name(id: &str) -> String {
     format!("kup-{id}")
@@ -586,28 +592,44 @@ pub fn claim() -> Result<String, StoreError> {
     let index = Index::parse(&text).map_err(StoreError::Index)?;
     let root = PathBuf::from(&m.image_dir);
     let t = Instant::now();
+    let bytes: u64 = index.files.iter().map(|f| f.size).sum();
+    // The initramfs took the session already (the early claim): its descriptors come over from
+    // the process holding them. Otherwise (an initramfs without kup's hook, or its claim failed)
+    // the session is taken here.
+    let taken = match std::fs::read_to_string(CLAIMED) {
+        Ok(text) => adopt_early_claim(&text, &index),
+        Err(_) => luo::take_tree(&index)
+            .map(|s| {
+                let took = format!(
+                    "took {} files ({} MiB) of LUO session {} back in {:.2} s",
+                    index.files.len(),
+                    bytes >> 20,
+                    index.session,
+                    t.elapsed().as_secs_f64()
+                );
+                (s, took)
+            })
+            .map_err(StoreError::from),
+    }
+    .and_then(|(session, took)| {
+        luo::lay_out(&root, &index, &session, std::process::id())?;
+        Ok((session, took))
+    });
     // A kernel without LUO (or booted without `liveupdate=on`), or a session that did not come
     // through: the disk copy, where the update made one.
-    let mut session = match luo::retrieve_tree(&root, &index, std::process::id()) {
-        Ok(session) => session,
+    let (mut session, took) = match taken {
+        Ok(taken) => taken,
         Err(e) if m.disk_copy.is_some() => {
+            end_early_claim();
             return from_disk_copy(
                 handoff,
                 &m,
                 &format!("they cannot be taken back from RAM ({e})"),
             );
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
-    let bytes: u64 = index.files.iter().map(|f| f.size).sum();
-    let took = format!(
-        "took {} files ({} MiB) of LUO session {} back in {:.2} s, at {}",
-        index.files.len(),
-        bytes >> 20,
-        index.session,
-        t.elapsed().as_secs_f64(),
-        root.display()
-    );
+    let took = format!("{took}, at {}", root.display());
     tracing::info!(kup_phase = "restore", "kup: {took}");
     let took = ready(took);
     let mut held = index.tokens_by_unit();
@@ -633,9 +655,334 @@ pub fn claim() -> Result<String, StoreError> {
     ))
 }
 
+/// What the early claim took ([`CLAIMED`]): the process holding the session, the session's
+/// descriptor there and each file's, and what it says it did. One item per line: `pid PID`,
+/// `session NAME FD`, `took TEXT`, and `file TOKEN FD` per file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlyClaim {
+    pub pid: i32,
+    pub session: String,
+    pub fd: i32,
+    pub files: Vec<(u64, i32)>,
+    pub took: String,
+}
+
+impl EarlyClaim {
+    pub fn parse(text: &str) -> Result<EarlyClaim, String> {
+        let (mut pid, mut session, mut took, mut files) = (None, None, String::new(), Vec::new());
+        let num = |w: Option<&str>, what: &str, line: &str| {
+            w.and_then(|w| w.parse::<i64>().ok())
+                .ok_or_else(|| format!("{what} missing or not a number in {line:?}"))
+        };
+        for line in text.lines() {
+            let mut w = line.split(' ');
+            match w.next() {
+                Some("pid") => pid = Some(num(w.next(), "the PID", line)? as i32),
+                Some("session") => {
+                    let name = w.next().filter(|n| !n.is_empty());
+                    let name = name.ok_or_else(|| format!("no session name in {line:?}"))?;
+                    session = Some((
+                        name.to_owned(),
+                        num(w.next(), "the descriptor", line)? as i32,
+                    ));
+                }
+                Some("took") => took = line["took".len()..].trim().to_owned(),
+                Some("file") => {
+                    let token = w.next().and_then(|t| t.parse::<u64>().ok());
+                    let token = token.ok_or_else(|| format!("no token in {line:?}"))?;
+                    files.push((token, num(w.next(), "the descriptor", line)? as i32));
+                }
+                Some("") | None => {}
+                Some(other) => return Err(format!("unknown item {other:?}")),
+            }
+        }
+        let pid = pid.ok_or("no `pid` line")?;
+        // It is signalled: never 0, 1 or a group.
+        if pid <= 1 {
+            return Err(format!("{pid} is not the PID of a claim"));
+        }
+        let (session, fd) = session.ok_or("no `session` line")?;
+        Ok(EarlyClaim {
+            pid,
+            session,
+            fd,
+            files,
+            took,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "pid {}\nsession {} {}\ntook {}\n",
+            self.pid, self.session, self.fd, self.took
+        );
+        for (token, fd) in &self.files {
+            out.push_str(&format!("file {token} {fd}\n"));
+        }
+        out
+    }
+
+    /// Whether it holds exactly `index`'s session and tokens.
+    fn matches(&self, index: &Index) -> Result<(), String> {
+        if self.session != index.session {
+            return Err(format!(
+                "it holds LUO session {}, the index names {}",
+                self.session, index.session
+            ));
+        }
+        let mut have: Vec<u64> = self.files.iter().map(|f| f.0).collect();
+        let mut want: Vec<u64> = index.tokens().collect();
+        have.sort_unstable();
+        want.sort_unstable();
+        if have != want {
+            return Err(format!(
+                "it holds {} tokens, the index lists {}",
+                have.len(),
+                want.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The images come from the disk copy after all: the early claim's process, if one holds the
+/// session still, ends, and the memory it holds is freed.
+fn end_early_claim() {
+    let claim = std::fs::read_to_string(CLAIMED)
+        .ok()
+        .and_then(|t| EarlyClaim::parse(&t).ok());
+    if let Some(c) = claim {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = std::fs::remove_file(CLAIMED);
+    }
+}
+
+/// kup-luo.service on a boot whose initramfs claimed the session: takes the session and its files
+/// over from the early claim's process (which then goes), and says what the early claim took.
+fn adopt_early_claim(text: &str, index: &Index) -> Result<(luo::Session, String), StoreError> {
+    let bad = |why: String| {
+        StoreError::Holder(format!(
+            "the initramfs's claim of the images kept in RAM ({CLAIMED}) cannot be taken over: {why}"
+        ))
+    };
+    let c = EarlyClaim::parse(text).map_err(bad)?;
+    c.matches(index).map_err(bad)?;
+    let session = luo::Session::adopt(&c.session, c.pid, c.fd, &c.files)?;
+    // Everything is duplicated here: the early claim's process has done its part.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = std::fs::remove_file(CLAIMED);
+    // Gone (reaped by systemd) before any restore can want its PID.
+    let gone = Path::new("/proc").join(c.pid.to_string());
+    let t = Instant::now();
+    while gone.exists() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok((
+        session,
+        format!("{}, taken over from its PID {}", c.took, c.pid),
+    ))
+}
+
+/// `kup-restore luo-claim-early ROOT` (kup's dracut hook, in the initramfs, with the real root
+/// mounted at ROOT): takes the LUO session of the pending handoff back before anything of the real
+/// root runs, and leaves /dev/liveupdate to whoever opens it next. The session stays in a process
+/// of its own ([`CLAIM_ARGV0`]) across the switch to the real root until kup-luo.service takes it
+/// over. Returns what it did, or why it left the claim to kup-luo.service.
+pub fn claim_early(root: &Path, argv0: &str) -> Result<String, StoreError> {
+    if argv0.starts_with('@') {
+        return early_claim_process(root);
+    }
+    let mut child = Command::new("/proc/self/exe")
+        .arg0(CLAIM_ARGV0)
+        .arg("luo-claim-early")
+        .arg(root)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(io("starting the early claim of the images kept in RAM"))?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = BufReader::new(out).read_line(&mut line);
+    }
+    let line = line.trim_end();
+    match line.split_once(' ') {
+        // It goes on, holding the session; nobody here waits for it.
+        Some(("claimed", took)) => Ok(format!(
+            "{took}; held by PID {} until kup-luo.service takes it over",
+            child.id()
+        )),
+        Some(("skip", why)) => {
+            let _ = child.wait();
+            Ok(format!(
+                "the images kept in RAM are left to kup-luo.service: {why}"
+            ))
+        }
+        Some(("error", why)) => {
+            let _ = child.wait();
+            Err(StoreError::Holder(why.to_owned()))
+        }
+        _ => {
+            let status = child.wait().map_err(io("waiting for the early claim"))?;
+            Err(StoreError::Holder(format!(
+                "the early claim ended ({status}) without a word"
+            )))
+        }
+    }
+}
+
+/// The early claim's own process: says `claimed TEXT` (then holds the session until killed),
+/// `skip WHY` or `error WHY` on stdout.
+fn early_claim_process(root: &Path) -> Result<String, StoreError> {
+    let say = |line: String| {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+    };
+    let taken = match early_take(root) {
+        Ok(Ok(taken)) => taken,
+        Ok(Err(why)) => {
+            say(format!("skip {why}"));
+            return Ok(why);
+        }
+        Err(e) => {
+            say(format!("error {e}"));
+            return Err(e);
+        }
+    };
+    let (session, took) = taken;
+    let (fd, files) = session.descriptors();
+    let c = EarlyClaim {
+        pid: std::process::id() as i32,
+        session: session.name.clone(),
+        fd,
+        files,
+        took: took.clone(),
+    };
+    if let Err(e) = std::fs::create_dir_all(crate::update::RUN_DIR)
+        .map_err(io(format!("creating {}", crate::update::RUN_DIR)))
+        .and_then(|()| write_synced(Path::new(CLAIMED), c.render().as_bytes()))
+    {
+        say(format!("error {e}"));
+        return Err(e);
+    }
+    say(format!("claimed {took}"));
+    // Nobody reads more: stdout goes, so the hook that started this does not wait for it.
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2_stdout(&null);
+    }
+    // Held until kup-luo.service has taken everything over and kills it (SIGKILL); the signals
+    // of the switch to the real root do not end it.
+    let mut set = nix::sys::signal::SigSet::empty();
+    for s in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGHUP,
+    ] {
+        set.add(s);
+    }
+    let _ = set.thread_block();
+    loop {
+        std::thread::park();
+        let _ = &session;
+    }
+}
+
+/// In the initramfs: the pending handoff's LUO session and its files, with what was taken; or
+/// why the claim is left to kup-luo.service.
+#[allow(clippy::type_complexity)]
+fn early_take(root: &Path) -> Result<Result<(luo::Session, String), String>, StoreError> {
+    let handoff = root.join(HANDOFF_DIR.trim_start_matches('/'));
+    let m = manifest::read(&handoff)?;
+    if m.backend != crate::config::Backend::Luo.as_str() {
+        return Ok(Err(format!("handoff {} keeps its images on disk", m.id)));
+    }
+    if crate::restore::resumed() {
+        return Ok(Err("a boot through the firmware does not keep RAM".into()));
+    }
+    if !Path::new(luo::DEVICE).exists() {
+        return Ok(Err(format!("this kernel has no {}", luo::DEVICE)));
+    }
+    let text = std::fs::read_to_string(handoff.join(LUO_INDEX))
+        .map_err(io(format!("reading {}", handoff.join(LUO_INDEX).display())))?;
+    let index = Index::parse(&text).map_err(StoreError::Index)?;
+    let t = Instant::now();
+    let session = luo::take_tree(&index)?;
+    let bytes: u64 = index.files.iter().map(|f| f.size).sum();
+    let uptime = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or_default();
+    Ok(Ok((
+        session,
+        format!(
+            "took {} files ({} MiB) and the memory of {} process(es) of LUO session {} back in the initramfs in {:.2} s, {uptime:.1} s after the kernel started",
+            index.files.len(),
+            bytes >> 20,
+            index.processes.len(),
+            index.session,
+            t.elapsed().as_secs_f64()
+        ),
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_early_claim_reads_back_what_it_wrote_and_must_hold_the_index() {
+        let c = EarlyClaim {
+            pid: 812,
+            session: "kup-1a2b".into(),
+            fd: 3,
+            files: vec![(1, 4), (2, 5), (1 << 32, 6)],
+            took: "took 2 files (3 MiB) of LUO session kup-1a2b back in the initramfs".into(),
+        };
+        assert_eq!(EarlyClaim::parse(&c.render()).unwrap(), c);
+        let index = |session: &str, files: u64| Index {
+            session: session.into(),
+            files: (1..=files)
+                .map(|token| luo::IndexFile {
+                    token,
+                    path: format!("a.service/f{token}"),
+                    size: 1,
+                })
+                .collect(),
+            processes: vec![luo::IndexProcess {
+                token: 1 << 32,
+                path: "a.service/foam/pagemap-7/whole.foam".into(),
+                pid: 7,
+            }],
+            links: Default::default(),
+        };
+        assert_eq!(c.matches(&index("kup-1a2b", 2)), Ok(()));
+        assert!(c.matches(&index("kup-9", 2)).unwrap_err().contains("kup-9"));
+        assert!(
+            c.matches(&index("kup-1a2b", 3))
+                .unwrap_err()
+                .contains("3 tokens, the index lists 4")
+        );
+        for (bad, says) in [
+            ("session kup-1 3\n", "no `pid` line"),
+            ("pid 9\n", "no `session` line"),
+            ("pid -1\nsession kup-1 3\n", "not the PID of a claim"),
+            ("pid 1\nsession kup-1 3\n", "not the PID of a claim"),
+            ("pid x\nsession kup-1 3\n", "the PID"),
+            ("pid 9\nsession kup-1 3\nfile 1\n", "the descriptor"),
+            ("pid 9\nsession kup-1 3\nmemfd 1 2\n", "unknown item"),
+        ] {
+            let err = EarlyClaim::parse(bad).unwrap_err();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+    }
 
     #[test]
     fn finds_mount_points_in_mountinfo() {

@@ -151,6 +151,21 @@ fn hop(lab: &Lab, port: u16, pids: (&str, &str), redis: u16, kernel: &str, label
             let claim = lab.exec("journalctl -b -o cat --no-pager -u kup-luo.service");
             eprintln!("kup-luo.service:\n{claim}");
             assert!(claim.contains("of LUO session kup-"), "{claim}");
+            // The session was taken in the initramfs, before anything of the real root ran, and
+            // kup-luo.service took it over from the early claim's process, which is gone.
+            assert!(
+                claim.contains("back in the initramfs")
+                    && claim.contains("taken over from its PID"),
+                "the initramfs claimed the LUO session:\n{claim}\n{}",
+                lab.exec(
+                    "journalctl -b -o cat --no-pager -u dracut-pre-pivot.service | grep kup || true"
+                )
+            );
+            assert_eq!(
+                lab.exec("ps -eo args= | grep -c '^@kup-luo-claim' || true"),
+                "0",
+                "the early claim's process ended once kup-luo.service took the session over"
+            );
         }
     }
 

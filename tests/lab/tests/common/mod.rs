@@ -158,11 +158,17 @@ pub fn free_port() -> u16 {
 /// 0..`keys` all there and identical (read from the host).
 pub fn assert_memcached_kept(lab: &Lab, port: u16, pid: &str, keys: u32, across: &str) {
     assert_eq!(lab.exec("systemctl is-active memcached"), "active");
-    assert_eq!(
-        lab.exec("systemctl show -p MainPID --value memcached"),
-        pid,
-        "memcached keeps its PID across {across}"
-    );
+    let now = lab.exec("systemctl show -p MainPID --value memcached");
+    if now != pid {
+        // Why it was not restored: the restore's own words on this boot.
+        panic!(
+            "memcached keeps its PID across {across}: it is {now}, was {pid}\n{}",
+            lab.exec(
+                "journalctl -b -o short-monotonic --no-pager -u memcached -u kup-luo.service -t kup-restore -t criu -t kup-handoff | tail -60; \
+                 tail -30 /var/lib/kup/images/memcached.service/restore.log /var/lib/kup/images/luo-copy/memcached.service/restore.log 2>/dev/null || true"
+            )
+        );
+    }
     assert_eq!(memcached::verify(port, keys).unwrap(), (keys, 0));
 }
 
