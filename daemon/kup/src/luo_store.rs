@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+
 use crate::luo::{self, Index, LuoError};
 use crate::manifest;
 use crate::update::{HANDOFF_DIR, LUO_INDEX};
@@ -228,7 +230,7 @@ impl Held {
     pub fn give_back(mut self) -> Result<(), StoreError> {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         if self.stdin.take().is_none() {
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1)
+            nix::sys::signal::kill(pid, Signal::SIGUSR1)
                 .map_err(|e| io("signalling the LUO holder")(e.into()))?;
         }
         let out = self
@@ -259,17 +261,13 @@ pub fn run_holder(dir: &Path, argv0: &str, in_place: bool) -> Result<(), StoreEr
         return Err(io("re-executing the LUO holder")(err));
     }
     // Signals are taken synchronously below; blocked before anything can send one.
-    let mut set = nix::sys::signal::SigSet::empty();
-    for s in [
-        nix::sys::signal::Signal::SIGUSR1,
-        nix::sys::signal::Signal::SIGTERM,
-        nix::sys::signal::Signal::SIGINT,
-        nix::sys::signal::Signal::SIGHUP,
-    ] {
-        set.add(s);
-    }
-    set.thread_block()
-        .map_err(|e| io("blocking signals")(e.into()))?;
+    let set = block_signals(&[
+        Signal::SIGUSR1,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ])
+    .map_err(|e| io("blocking signals")(e.into()))?;
     let m = manifest::read(Path::new(HANDOFF_DIR))?;
     let name = session_name(&m.id);
     let (mut session, kept) = if in_place {
@@ -449,6 +447,17 @@ fn give_back_memory(dir: &Path, kept: &[Kept]) {
     }
 }
 
+/// Blocks `signals` in this (the only) thread: they are taken synchronously (the set's `wait`)
+/// or not at all. Returns the set.
+fn block_signals(signals: &[Signal]) -> nix::Result<nix::sys::signal::SigSet> {
+    let mut set = nix::sys::signal::SigSet::empty();
+    for s in signals {
+        set.add(*s);
+    }
+    set.thread_block()?;
+    Ok(set)
+}
+
 /// Writes `path` through a temporary file, synced, then renamed and the directory synced.
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let tmp = path.with_extension("tmp");
@@ -592,23 +601,13 @@ pub fn claim() -> Result<String, StoreError> {
     let index = Index::parse(&text).map_err(StoreError::Index)?;
     let root = PathBuf::from(&m.image_dir);
     let t = Instant::now();
-    let bytes: u64 = index.files.iter().map(|f| f.size).sum();
     // The initramfs took the session already (the early claim): its descriptors come over from
     // the process holding them. Otherwise (an initramfs without kup's hook, or its claim failed)
     // the session is taken here.
     let taken = match std::fs::read_to_string(CLAIMED) {
         Ok(text) => adopt_early_claim(&text, &index),
         Err(_) => luo::take_tree(&index)
-            .map(|s| {
-                let took = format!(
-                    "took {} files ({} MiB) of LUO session {} back in {:.2} s",
-                    index.files.len(),
-                    bytes >> 20,
-                    index.session,
-                    t.elapsed().as_secs_f64()
-                );
-                (s, took)
-            })
+            .map(|s| (s, took_text(&index, t, "")))
             .map_err(StoreError::from),
     }
     .and_then(|(session, took)| {
@@ -752,11 +751,19 @@ fn end_early_claim() {
         .ok()
         .and_then(|t| EarlyClaim::parse(&t).ok());
     if let Some(c) = claim {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = std::fs::remove_file(CLAIMED);
+        end_claim_process(c.pid);
+    }
+}
+
+/// Kills the early claim's process `pid` and forgets its claim; returns once systemd has reaped it,
+/// before any restore can want its PID.
+fn end_claim_process(pid: i32) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    let _ = std::fs::remove_file(CLAIMED);
+    let gone = Path::new("/proc").join(pid.to_string());
+    let t = Instant::now();
+    while gone.exists() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -772,17 +779,7 @@ fn adopt_early_claim(text: &str, index: &Index) -> Result<(luo::Session, String)
     c.matches(index).map_err(bad)?;
     let session = luo::Session::adopt(&c.session, c.pid, c.fd, &c.files)?;
     // Everything is duplicated here: the early claim's process has done its part.
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(c.pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    let _ = std::fs::remove_file(CLAIMED);
-    // Gone (reaped by systemd) before any restore can want its PID.
-    let gone = Path::new("/proc").join(c.pid.to_string());
-    let t = Instant::now();
-    while gone.exists() && t.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    end_claim_process(c.pid);
     Ok((
         session,
         format!("{}, taken over from its PID {}", c.took, c.pid),
@@ -880,15 +877,7 @@ fn early_claim_process(root: &Path) -> Result<String, StoreError> {
     }
     // Held until kup-luo.service has taken everything over and kills it (SIGKILL); the signals
     // of the switch to the real root do not end it.
-    let mut set = nix::sys::signal::SigSet::empty();
-    for s in [
-        nix::sys::signal::Signal::SIGTERM,
-        nix::sys::signal::Signal::SIGINT,
-        nix::sys::signal::Signal::SIGHUP,
-    ] {
-        set.add(s);
-    }
-    let _ = set.thread_block();
+    let _ = block_signals(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP]);
     loop {
         std::thread::park();
         let _ = &session;
@@ -915,22 +904,28 @@ fn early_take(root: &Path) -> Result<Result<(luo::Session, String), String>, Sto
     let index = Index::parse(&text).map_err(StoreError::Index)?;
     let t = Instant::now();
     let session = luo::take_tree(&index)?;
-    let bytes: u64 = index.files.iter().map(|f| f.size).sum();
     let uptime = std::fs::read_to_string("/proc/uptime")
         .ok()
         .and_then(|u| u.split_whitespace().next()?.parse::<f64>().ok())
         .unwrap_or_default();
-    Ok(Ok((
-        session,
-        format!(
-            "took {} files ({} MiB) and the memory of {} process(es) of LUO session {} back in the initramfs in {:.2} s, {uptime:.1} s after the kernel started",
-            index.files.len(),
-            bytes >> 20,
-            index.processes.len(),
-            index.session,
-            t.elapsed().as_secs_f64()
-        ),
-    )))
+    let took = format!(
+        "{}, {uptime:.1} s after the kernel started",
+        took_text(&index, t, " in the initramfs")
+    );
+    Ok(Ok((session, took)))
+}
+
+/// What a claim took back, since `t`, and `place` (where, or nothing).
+fn took_text(index: &Index, t: Instant, place: &str) -> String {
+    let bytes: u64 = index.files.iter().map(|f| f.size).sum();
+    format!(
+        "took {} files ({} MiB) and the memory of {} process(es) of LUO session {} back{place} in {:.2} s",
+        index.files.len(),
+        bytes >> 20,
+        index.processes.len(),
+        index.session,
+        t.elapsed().as_secs_f64()
+    )
 }
 
 #[cfg(test)]
@@ -982,6 +977,25 @@ mod tests {
             let err = EarlyClaim::parse(bad).unwrap_err();
             assert!(err.contains(says), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn what_a_claim_took_names_the_session_the_sizes_and_the_place() {
+        let index = Index {
+            session: "kup-1".into(),
+            files: vec![luo::IndexFile {
+                token: 1,
+                path: "a.service/pages-1.img".into(),
+                size: 3 << 20,
+            }],
+            ..Default::default()
+        };
+        let early = took_text(&index, Instant::now(), " in the initramfs");
+        assert!(
+            early.starts_with("took 1 files (3 MiB) and the memory of 0 process(es) of LUO session kup-1 back in the initramfs in "),
+            "{early}"
+        );
+        assert!(took_text(&index, Instant::now(), "").contains("kup-1 back in 0.0"));
     }
 
     #[test]
